@@ -1,0 +1,798 @@
+"""The public asyncio API: TransferEngine, MemoryRegion, ImmCounter.
+
+Layers (see docs/architecture.md):
+
+* ``aiotransfer._core`` -- synchronous Cython wrappers of the C progress
+  worker (csrc/atx.c): posting, registration, immediate counters, records.
+* ``_Completions`` (below) -- the futures layer: op ids -> futures, one
+  ``loop.add_reader`` on the worker's eventfd, drained once per wake-up.
+* ``TransferEngine`` -- argument checking and the public calls.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import operator
+import os
+import secrets
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence, Union
+
+import numpy as np
+
+from . import _core
+from ._wire import EngineAddress, RemoteRegion
+from .errors import EngineClosedError, PeerError, TransferError
+
+__all__ = [
+    "TransferEngine", "MemoryRegion", "ImmCounter", "ScatterTarget", "NicInfo",
+    "PROVIDER_ALIASES", "resolve_provider",
+]
+
+IMM_LIMIT = 1 << 32
+
+#: Short names accepted for ``provider=``.
+PROVIDER_ALIASES = {
+    "tcp": "tcp;ofi_rxm",
+    "udp": "udp;ofi_rxd",
+    "verbs": "verbs;ofi_rxm",
+}
+
+Destination = Union[RemoteRegion, bytes, bytearray, memoryview]
+
+
+def resolve_provider(provider: str | None) -> str:
+    """Map an alias ("tcp", "udp") to libfabric's provider name."""
+    if provider is None:
+        provider = os.environ.get("AIOTRANSFER_PROVIDER", "tcp")
+    if not isinstance(provider, str) or not provider:
+        raise TypeError(f"provider must be a non-empty str, not {provider!r}")
+    return PROVIDER_ALIASES.get(provider, provider)
+
+
+# ------------------------------------------------------------------ checks
+
+def _uint(name: str, value: Any, limit: int = 1 << 64) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, not bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+    if v < 0 or v >= limit:
+        raise ValueError(f"{name}={v} is out of range [0, {limit})")
+    return v
+
+
+def _imm(name: str, value: Any) -> int:
+    return _uint(name, value, IMM_LIMIT)
+
+
+def _pages(name: str, pages: Any) -> np.ndarray:
+    try:
+        arr = np.asarray(pages)
+    except Exception as exc:  # noqa: BLE001 - report any conversion failure as TypeError
+        raise TypeError(f"{name} must be a sequence or numpy array of integers") from exc
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, not {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds page index {int(arr.max())}, beyond 2**63-1")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _check_pages(name: str, arr: np.ndarray, offset: int, stride: int, page_size: int,
+                 nbytes: int, region: str) -> None:
+    if arr.size == 0:
+        return
+    lo = int(arr.min())
+    if lo < 0:
+        raise ValueError(f"{name} holds negative page index {lo}")
+    hi = int(arr.max())
+    end = offset + hi * stride + page_size
+    if end > nbytes:
+        raise ValueError(
+            f"{name}: page {hi} ends at byte {end} (offset {offset} + {hi} * stride {stride} "
+            f"+ page_size {page_size}), beyond the {region} region's {nbytes} bytes")
+
+
+# ------------------------------------------------------------ public types
+
+@dataclass(frozen=True)
+class NicInfo:
+    """One NIC (libfabric domain) of an engine."""
+
+    name: str
+    provider: str
+    link_speed: int | None
+    fabric: str = ""
+    details: dict | None = None
+
+
+@dataclass(frozen=True)
+class ScatterTarget:
+    """One destination of :meth:`TransferEngine.scatter`."""
+
+    dst: Destination
+    length: int
+    src_offset: int = 0
+    dst_offset: int = 0
+
+
+class MemoryRegion:
+    """A local buffer registered with the NIC(s) of one engine.
+
+    The buffer stays exported (pinned, cannot be resized) until the region is
+    deregistered; deregistering with writes in flight raises ``BufferError``.
+    """
+
+    __slots__ = ("_engine", "_core", "nbytes", "remote", "descriptor", "_inflight", "obj",
+                 "__weakref__")
+
+    def __init__(self, engine: "TransferEngine", core_mr: Any, remote: RemoteRegion,
+                 obj: Any) -> None:
+        self._engine = engine
+        self._core = core_mr
+        self.nbytes: int = core_mr.nbytes
+        self.remote: RemoteRegion = remote
+        self.descriptor: bytes = remote.to_bytes()
+        self._inflight = 0
+        self.obj = obj
+
+    @property
+    def address(self) -> int:
+        """Local virtual address of byte 0."""
+        return self._core.address
+
+    @property
+    def closed(self) -> bool:
+        return self._core is None
+
+    @property
+    def inflight(self) -> int:
+        """Operations posted from this region and not yet completed."""
+        return self._inflight
+
+    def close(self) -> None:
+        """Deregister (same as ``engine.deregister(self)``)."""
+        self._engine.deregister(self)
+
+    def __enter__(self) -> "MemoryRegion":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.closed:
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self._inflight} in flight"
+        return f"<MemoryRegion {self.nbytes} bytes, {state}>"
+
+
+class ImmCounter:
+    """Arrivals of one immediate value at this engine.
+
+    ``value`` is the number of arrivals not yet consumed by a waiter,
+    ``total`` every arrival so far; ``await wait(n)`` consumes n arrivals
+    (exactly like ``engine.expect_imm(imm, n)``).
+    """
+
+    __slots__ = ("_engine", "imm")
+
+    def __init__(self, engine: "TransferEngine", imm: int) -> None:
+        self._engine = engine
+        self.imm = imm
+
+    @property
+    def value(self) -> int:
+        return self._engine._core_or_closed().imm_value(self.imm)[0]
+
+    @property
+    def total(self) -> int:
+        return self._engine._core_or_closed().imm_value(self.imm)[1]
+
+    async def wait(self, n: int, *, timeout: float | None = None) -> None:
+        await self._engine.expect_imm(self.imm, n, timeout=timeout)
+
+    def __repr__(self) -> str:
+        return f"<ImmCounter imm={self.imm}>"
+
+
+class _Op:
+    __slots__ = ("fut", "src", "name", "nbytes", "peer")
+
+    def __init__(self, fut: asyncio.Future, src: MemoryRegion | None, name: str, nbytes: int,
+                 peer: str | None) -> None:
+        self.fut = fut
+        self.src = src
+        self.name = name
+        self.nbytes = nbytes
+        self.peer = peer
+
+
+class _Waiter:
+    __slots__ = ("fut", "imm", "count")
+
+    def __init__(self, fut: asyncio.Future, imm: int, count: int) -> None:
+        self.fut = fut
+        self.imm = imm
+        self.count = count
+
+
+class _Completions:
+    """The futures layer: turns the core's records into resolved futures."""
+
+    def __init__(self, core: Any, loop: asyncio.AbstractEventLoop, recv_limit: int) -> None:
+        self.core = core
+        self.loop = loop
+        self.ops: dict[int, _Op] = {}
+        self.waiters: dict[int, _Waiter] = {}
+        self.messages: collections.deque[bytes] = collections.deque()
+        self.recv_waiters: collections.deque[asyncio.Future] = collections.deque()
+        self.recv_limit = recv_limit
+        self.dropped_messages = 0
+        self.next_id = 1
+        self.fd = core.fileno()
+        loop.add_reader(self.fd, self.on_readable)
+
+    def new_id(self) -> int:
+        i = self.next_id
+        self.next_id = i + 1
+        return i
+
+    def on_readable(self) -> None:
+        try:
+            self.dispatch(self.core.drain(), closing=False)
+        except Exception as exc:  # never let an exception escape into the loop's reader
+            self.loop.call_exception_handler({
+                "message": "aiotransfer: error while dispatching completions",
+                "exception": exc,
+            })
+
+    def dispatch(self, records: list, closing: bool) -> None:
+        ops = self.ops
+        for kind, rid, status, prov_errno, nbytes, data in records:
+            if kind == _core.REC_OP:
+                op = ops.pop(rid, None)
+                if op is None:
+                    continue
+                if op.src is not None:
+                    op.src._inflight -= 1
+                fut = op.fut
+                if fut.done():
+                    continue  # cancelled by the caller; its buffer is free only now
+                if status == 0:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(self.error(op, status, data, closing))
+            elif kind == _core.REC_WAITER:
+                w = self.waiters.pop(rid, None)
+                if w is None:
+                    continue
+                if w.fut.done():
+                    # the waiter was cancelled after it fired: give the arrivals back
+                    self.core.imm_credit(w.imm, w.count)
+                else:
+                    w.fut.set_result(None)
+            elif kind == _core.REC_MSG:
+                self.deliver(data)
+
+    def deliver(self, data: bytes) -> None:
+        while self.recv_waiters:
+            fut = self.recv_waiters.popleft()
+            if not fut.done():
+                fut.set_result(data)
+                return
+        if len(self.messages) >= self.recv_limit:
+            self.dropped_messages += 1
+            return
+        self.messages.append(data)
+
+    @staticmethod
+    def error(op: _Op, status: int, text: str | None, closing: bool) -> TransferError:
+        if closing or status == _core.FI_ECANCELED and text == "engine closed":
+            return EngineClosedError("engine closed with the operation in flight", op=op.name,
+                                     nbytes=op.nbytes, peer=op.peer, code=status)
+        return TransferError(f"{op.name} failed: {_core.strerror(status)}", op=op.name,
+                             nbytes=op.nbytes, peer=op.peer, provider_text=text, code=status)
+
+    def close(self) -> None:
+        """Stop the worker and resolve every future with EngineClosedError."""
+        self.loop.remove_reader(self.fd)  # remove the reader first, then close the fd
+        self.core.stop()
+        self.dispatch(self.core.drain(), closing=True)
+        exc = EngineClosedError("engine closed")
+        for op in list(self.ops.values()):
+            if op.src is not None:
+                op.src._inflight -= 1
+            if not op.fut.done():
+                op.fut.set_exception(EngineClosedError("engine closed", op=op.name,
+                                                       nbytes=op.nbytes, peer=op.peer))
+        self.ops.clear()
+        for w in self.waiters.values():
+            if not w.fut.done():
+                w.fut.set_exception(exc)
+        self.waiters.clear()
+        for fut in self.recv_waiters:
+            if not fut.done():
+                fut.set_exception(exc)
+        self.recv_waiters.clear()
+
+
+class TransferEngine:
+    """One-sided RDMA writes with immediates over libfabric, for asyncio.
+
+    >>> async with TransferEngine(provider="tcp") as engine:   # doctest: +SKIP
+    ...     mr = engine.register(bytearray(1 << 20))
+    ...     await engine.write(mr, peer_descriptor, imm=7)
+
+    Parameters: ``provider`` -- libfabric provider name or alias ("tcp",
+    "udp", "shm", "sockets"; default ``$AIOTRANSFER_PROVIDER`` or "tcp").
+    ``nics`` -- None (the provider's first NIC, ``$AIOTRANSFER_NICS`` if set)
+    or a list of NIC (domain) names such as ``["lo"]``.
+    ``delivery_complete`` -- complete writes only once the data is placed at
+    the target (default True; see docs/semantics.md).
+    ``msg_size``/``msg_count`` -- size and number of control-message receive
+    buffers.  ``cpu`` -- pin the progress worker to this CPU.
+    ``max_chunk`` -- split single writes into pieces of at most this size.
+    """
+
+    def __init__(self, provider: str | None = None, *, nics: Sequence[str] | int | None = None,
+                 delivery_complete: bool = True, msg_size: int = 65536, msg_count: int = 64,
+                 cpu: int | None = None, max_chunk: int | None = None,
+                 recv_queue_limit: int = 4096) -> None:
+        self.provider = resolve_provider(provider)
+        self._nic_names = self._check_nics(nics)
+        self._delivery_complete = bool(delivery_complete)
+        self._msg_size = _uint("msg_size", msg_size)
+        if not 1 <= self._msg_size <= 1 << 24:
+            raise ValueError(f"msg_size={msg_size} must be in [1, 16 MiB]")
+        self._msg_count = _uint("msg_count", msg_count)
+        if not 1 <= self._msg_count <= 65536:
+            raise ValueError(f"msg_count={msg_count} must be in [1, 65536]")
+        self._cpu = -1 if cpu is None else _uint("cpu", cpu, os.cpu_count() or 1)
+        self._max_chunk = 0 if max_chunk is None else _uint("max_chunk", max_chunk)
+        if max_chunk is not None and self._max_chunk == 0:
+            raise ValueError("max_chunk must be positive")
+        self._recv_limit = _uint("recv_queue_limit", recv_queue_limit)
+        self._core: Any = None
+        self._c: _Completions | None = None
+        self._state = "new"
+        self._address: EngineAddress | None = None
+        self._address_bytes = b""
+        self._regions: dict[int, MemoryRegion] = {}
+        self._peers: dict[tuple, int] = {}
+        self._desc_cache: dict[bytes, RemoteRegion] = {}
+        self._nics: list[NicInfo] = []
+
+    @staticmethod
+    def _check_nics(nics: Any) -> list[str]:
+        if nics is None:
+            env = os.environ.get("AIOTRANSFER_NICS")
+            return [n for n in env.split(",") if n] if env else []
+        if isinstance(nics, int) and not isinstance(nics, bool):
+            if nics != 1:
+                raise ValueError(f"nics={nics}: this build drives one NIC per engine")
+            return []
+        if isinstance(nics, str):
+            raise TypeError("nics must be a list of NIC names, not a str")
+        names = list(nics)
+        if not all(isinstance(n, str) and n for n in names):
+            raise TypeError("nics must be a list of non-empty NIC name strings")
+        if len(names) > 1:
+            raise ValueError(f"nics={names}: this build drives one NIC per engine")
+        return names
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> "TransferEngine":
+        """Open the NIC(s) and start the progress worker."""
+        if self._state != "new":
+            raise RuntimeError(f"engine already {self._state}")
+        loop = asyncio.get_running_loop()
+        try:
+            core = _core.CoreEngine(
+                self.provider, self._nic_names[0] if self._nic_names else None,
+                delivery_complete=self._delivery_complete, msg_size=self._msg_size,
+                msg_count=self._msg_count, cpu=self._cpu, max_chunk=self._max_chunk)
+        except _core.CoreError as exc:
+            raise TransferError(f"cannot open provider {self.provider!r}", op="start",
+                                provider_text=str(exc), code=exc.code) from None
+        self._core = core
+        self._c = _Completions(core, loop, self._recv_limit)
+        names = tuple(core.getname(i) for i in range(core.nic_count()))
+        self._address = EngineAddress(self.provider, secrets.randbits(64), names)
+        self._address_bytes = self._address.to_bytes()
+        self._nics = []
+        for i in range(core.nic_count()):
+            d = core.nic_info(i)
+            self._nics.append(NicInfo(d["name"], self.provider, d["link_speed"], d["fabric"], d))
+        self._state = "running"
+        return self
+
+    async def close(self) -> None:
+        """Stop the worker; every pending operation and waiter fails with
+        :class:`EngineClosedError`; every region is deregistered."""
+        if self._state != "running":
+            self._state = "closed"
+            return
+        self._state = "closed"
+        assert self._c is not None
+        self._c.close()
+        for mr in list(self._regions.values()):
+            self._core.deregister(mr._core)
+            mr._core = None
+        self._regions.clear()
+        self._core.destroy()
+        self._core = None
+
+    async def __aenter__(self) -> "TransferEngine":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) == "running":
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1)
+
+    def __repr__(self) -> str:
+        return f"<TransferEngine {self.provider} {self._state}>"
+
+    def _core_or_closed(self) -> Any:
+        if self._state != "running":
+            if self._state == "new":
+                raise RuntimeError("engine not started: await engine.start() first")
+            raise EngineClosedError("engine is closed")
+        return self._core
+
+    # ----------------------------------------------------------- properties
+
+    @property
+    def address(self) -> bytes:
+        """Everything a peer needs to reach this engine."""
+        self._core_or_closed()
+        return self._address_bytes
+
+    @property
+    def nics(self) -> list[NicInfo]:
+        self._core_or_closed()
+        return list(self._nics)
+
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
+
+    def stats(self) -> list[dict]:
+        """Per-NIC counters (bytes, work requests, immediates, errors, ...)."""
+        core = self._core_or_closed()
+        return [dict(core.stats(i), nic=n.name) for i, n in enumerate(self._nics)]
+
+    @property
+    def dropped_messages(self) -> int:
+        """Control messages dropped because recv() queue was full."""
+        return self._c.dropped_messages if self._c else 0
+
+    # --------------------------------------------------------------- memory
+
+    def register(self, buf: Any, *, remote_read: bool = False) -> MemoryRegion:
+        """Register a writable C-contiguous buffer (bytearray, numpy array, mmap)."""
+        core = self._core_or_closed()
+        try:
+            mv = memoryview(buf)
+        except TypeError:
+            raise TypeError(f"buf must support the buffer protocol, not "
+                            f"{type(buf).__name__}") from None
+        if mv.readonly:
+            raise TypeError(f"buf must be writable ({type(buf).__name__} is read-only)")
+        if not mv.c_contiguous:
+            raise ValueError("buf must be C-contiguous")
+        if mv.nbytes == 0:
+            raise ValueError("buf is empty: a region needs at least 1 byte")
+        mv.release()
+        try:
+            cmr = core.register(buf, remote_read)
+        except _core.CoreError as exc:
+            raise TransferError("memory registration failed", op="register",
+                                nbytes=len(memoryview(buf).cast("B")), provider_text=str(exc),
+                                code=exc.code) from None
+        except BufferError as exc:
+            raise TypeError(f"buf cannot be exported: {exc}") from None
+        remote = RemoteRegion(self._address, cmr.nbytes,
+                              tuple(cmr.key(i) for i in range(cmr.nnics)),
+                              tuple(cmr.base(i) for i in range(cmr.nnics)), bool(remote_read))
+        mr = MemoryRegion(self, cmr, remote, buf)
+        self._regions[id(mr)] = mr
+        return mr
+
+    def deregister(self, mr: MemoryRegion) -> None:
+        """Deregister; a peer holding the old descriptor can no longer write.
+
+        Raises ``BufferError`` while operations from the region are in flight."""
+        if not isinstance(mr, MemoryRegion):
+            raise TypeError(f"mr must be a MemoryRegion, not {type(mr).__name__}")
+        if mr._core is None:
+            return
+        if mr._engine is not self:
+            raise ValueError("mr belongs to another engine")
+        if mr._inflight:
+            raise BufferError(f"region has {mr._inflight} operations in flight; await them "
+                              "before deregistering")
+        if self._core is not None:
+            self._core.deregister(mr._core)
+        mr._core = None
+        mr.obj = None
+        self._regions.pop(id(mr), None)
+
+    # ---------------------------------------------------------- destinations
+
+    def _remote(self, dst: Any, name: str = "dst") -> RemoteRegion:
+        if isinstance(dst, RemoteRegion):
+            return dst
+        if isinstance(dst, MemoryRegion):
+            return dst.remote
+        if isinstance(dst, (bytes, bytearray, memoryview)):
+            key = bytes(dst)
+            r = self._desc_cache.get(key)
+            if r is None:
+                r = RemoteRegion.from_bytes(key)
+                if len(self._desc_cache) > 65536:
+                    self._desc_cache.clear()
+                self._desc_cache[key] = r
+            return r
+        raise TypeError(f"{name} must be a RemoteRegion or descriptor bytes, "
+                        f"not {type(dst).__name__}")
+
+    def _peer(self, owner: EngineAddress) -> int:
+        key = (owner.engine_id, owner.names)
+        p = self._peers.get(key)
+        if p is None:
+            if owner.provider != self.provider:
+                raise ValueError(f"destination engine uses provider {owner.provider!r}, "
+                                 f"this engine {self.provider!r}")
+            try:
+                p = self._core.peer_insert(list(owner.names))
+            except _core.CoreError as exc:
+                raise PeerError("cannot add peer", op="connect", peer=str(owner),
+                                provider_text=str(exc), code=exc.code) from None
+            self._peers[key] = p
+        return p
+
+    def _src(self, src_mr: Any) -> MemoryRegion:
+        if not isinstance(src_mr, MemoryRegion):
+            raise TypeError(f"src_mr must be a MemoryRegion, not {type(src_mr).__name__}")
+        if src_mr._core is None:
+            raise ValueError("src_mr is deregistered")
+        if src_mr._engine is not self:
+            raise ValueError("src_mr is registered with another engine")
+        return src_mr
+
+    def _track(self, rid: int, src: MemoryRegion | None, name: str, nbytes: int,
+               peer: str | None) -> asyncio.Future:
+        c = self._c
+        assert c is not None
+        fut = c.loop.create_future()
+        c.ops[rid] = _Op(fut, src, name, nbytes, peer)
+        if src is not None:
+            src._inflight += 1
+        return fut
+
+    def _posted(self, exc: _core.CoreError, name: str, nbytes: int, peer: str) -> TransferError:
+        if exc.code == _core.FI_ESHUTDOWN:
+            return EngineClosedError("engine is closed", op=name, nbytes=nbytes, peer=peer)
+        return TransferError(f"{name} could not be posted", op=name, nbytes=nbytes, peer=peer,
+                             provider_text=str(exc), code=exc.code)
+
+    # ------------------------------------------------------------ operations
+
+    def write(self, src_mr: MemoryRegion, dst: Destination, *, length: int | None = None,
+              src_offset: int = 0, dst_offset: int = 0, imm: int | None = None
+              ) -> asyncio.Future:
+        """Write ``length`` bytes (default: the rest of src_mr) from src_mr at
+        src_offset into dst at dst_offset; deliver ``imm`` (if given) once,
+        after every byte is in place.  Returns an awaitable."""
+        core = self._core_or_closed()
+        src = self._src(src_mr)
+        d = self._remote(dst)
+        so = _uint("src_offset", src_offset)
+        do = _uint("dst_offset", dst_offset)
+        n = src.nbytes - so if length is None else _uint("length", length)
+        if so + n > src.nbytes:
+            raise ValueError(f"src_offset {so} + length {n} exceeds src_mr's {src.nbytes} bytes")
+        if do + n > d.nbytes:
+            raise ValueError(f"dst_offset {do} + length {n} exceeds dst's {d.nbytes} bytes")
+        has_imm = imm is not None
+        iv = _imm("imm", imm) if has_imm else 0
+        peer = self._peer(d.owner)
+        rid = self._c.new_id()  # type: ignore[union-attr]
+        try:
+            core.post_write(rid, src._core, so, peer, d.bases[0], d.keys[0], do, n, has_imm, iv)
+        except _core.CoreError as exc:
+            raise self._posted(exc, "write", n, str(d.owner)) from None
+        return self._track(rid, src, "write", n, str(d.owner))
+
+    def write_imm(self, dst: Destination, imm: int) -> asyncio.Future:
+        """Deliver only an immediate to dst's owner (a zero-byte write)."""
+        core = self._core_or_closed()
+        d = self._remote(dst)
+        iv = _imm("imm", imm)
+        peer = self._peer(d.owner)
+        rid = self._c.new_id()  # type: ignore[union-attr]
+        try:
+            core.post_write(rid, None, 0, peer, d.bases[0], d.keys[0], 0, 0, True, iv)
+        except _core.CoreError as exc:
+            raise self._posted(exc, "write_imm", 0, str(d.owner)) from None
+        return self._track(rid, None, "write_imm", 0, str(d.owner))
+
+    def write_paged(self, src_mr: MemoryRegion, src_pages: Any, dst: Destination,
+                    dst_pages: Any, *, page_size: int, src_stride: int | None = None,
+                    dst_stride: int | None = None, src_offset: int = 0, dst_offset: int = 0,
+                    imm: int | None = None) -> asyncio.Future:
+        """Write page src_pages[i] to page dst_pages[i], for every i.
+
+        Page p of a side lives at ``offset + p * stride`` (stride defaults to
+        page_size).  One write and, if ``imm`` is given, one immediate per page."""
+        core = self._core_or_closed()
+        src = self._src(src_mr)
+        d = self._remote(dst)
+        ps = _uint("page_size", page_size)
+        if ps == 0:
+            raise ValueError("page_size must be positive")
+        ss = ps if src_stride is None else _uint("src_stride", src_stride)
+        ds = ps if dst_stride is None else _uint("dst_stride", dst_stride)
+        if ss == 0 or ds == 0:
+            raise ValueError("src_stride and dst_stride must be positive")
+        so = _uint("src_offset", src_offset)
+        do = _uint("dst_offset", dst_offset)
+        sp = _pages("src_pages", src_pages)
+        dp = _pages("dst_pages", dst_pages)
+        if sp.shape[0] != dp.shape[0]:
+            raise ValueError(f"src_pages has {sp.shape[0]} pages but dst_pages {dp.shape[0]}")
+        _check_pages("src_pages", sp, so, ss, ps, src.nbytes, "source")
+        _check_pages("dst_pages", dp, do, ds, ps, d.nbytes, "destination")
+        has_imm = imm is not None
+        iv = _imm("imm", imm) if has_imm else 0
+        peer = self._peer(d.owner)
+        rid = self._c.new_id()  # type: ignore[union-attr]
+        nbytes = ps * sp.shape[0]
+        try:
+            core.post_paged(rid, src._core, so, ss, sp, peer, d.bases[0], d.keys[0], do, ds, dp,
+                            ps, has_imm, iv)
+        except _core.CoreError as exc:
+            raise self._posted(exc, "write_paged", nbytes, str(d.owner)) from None
+        return self._track(rid, src, "write_paged", nbytes, str(d.owner))
+
+    def scatter(self, src_mr: MemoryRegion, targets: Iterable[ScatterTarget], *,
+                imm: int | None = None) -> asyncio.Future:
+        """Write slices of src_mr to many destinations; one immediate per target."""
+        core = self._core_or_closed()
+        src = self._src(src_mr)
+        tl = list(targets)
+        rows = np.empty((len(tl), 6), dtype=np.uint64)
+        total = 0
+        for i, t in enumerate(tl):
+            if not isinstance(t, ScatterTarget):
+                raise TypeError(f"targets[{i}] must be a ScatterTarget, not {type(t).__name__}")
+            d = self._remote(t.dst, f"targets[{i}].dst")
+            n = _uint(f"targets[{i}].length", t.length)
+            so = _uint(f"targets[{i}].src_offset", t.src_offset)
+            do = _uint(f"targets[{i}].dst_offset", t.dst_offset)
+            if so + n > src.nbytes:
+                raise ValueError(f"targets[{i}]: src_offset {so} + length {n} exceeds src_mr's "
+                                 f"{src.nbytes} bytes")
+            if do + n > d.nbytes:
+                raise ValueError(f"targets[{i}]: dst_offset {do} + length {n} exceeds dst's "
+                                 f"{d.nbytes} bytes")
+            rows[i] = (self._peer(d.owner), d.bases[0], d.keys[0], so, do, n)
+            total += n
+        has_imm = imm is not None
+        iv = _imm("imm", imm) if has_imm else 0
+        rid = self._c.new_id()  # type: ignore[union-attr]
+        try:
+            core.post_scatter(rid, src._core, rows, has_imm, iv)
+        except _core.CoreError as exc:
+            raise self._posted(exc, "scatter", total, None) from None  # type: ignore[arg-type]
+        return self._track(rid, src, "scatter", total, None)
+
+    def barrier(self, dsts: Iterable[Destination], imm: int) -> asyncio.Future:
+        """Send one immediate to the owner of each destination region."""
+        core = self._core_or_closed()
+        iv = _imm("imm", imm)
+        dl = [self._remote(x, f"dsts[{i}]") for i, x in enumerate(dsts)]
+        rows = np.empty((len(dl), 6), dtype=np.uint64)
+        for i, d in enumerate(dl):
+            rows[i] = (self._peer(d.owner), d.bases[0], d.keys[0], 0, 0, 0)
+        rid = self._c.new_id()  # type: ignore[union-attr]
+        try:
+            core.post_scatter(rid, None, rows, True, iv)
+        except _core.CoreError as exc:
+            raise self._posted(exc, "barrier", 0, None) from None  # type: ignore[arg-type]
+        return self._track(rid, None, "barrier", 0, None)
+
+    # ------------------------------------------------------------ immediates
+
+    async def expect_imm(self, imm: int, count: int, *, timeout: float | None = None) -> None:
+        """Wait until ``count`` immediates of value ``imm`` have arrived and
+        consume them.  Arrivals before the call count; timeout -> TimeoutError."""
+        core = self._core_or_closed()
+        iv = _imm("imm", imm)
+        n = _uint("count", count)
+        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+            raise ValueError(f"timeout={timeout!r} must be a non-negative number or None")
+        if n == 0:
+            return
+        c = self._c
+        assert c is not None
+        wid = c.new_id()
+        if core.imm_expect(iv, n, wid):
+            return
+        fut = c.loop.create_future()
+        c.waiters[wid] = _Waiter(fut, iv, n)
+        try:
+            if timeout is None:
+                await fut
+            else:
+                await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except BaseException:
+            w = c.waiters.get(wid)
+            if w is not None:
+                if self._core is not None and core.imm_cancel(iv, wid):
+                    del c.waiters[wid]
+                # if it fired in C already, its record gives the arrivals back
+                fut.cancel()
+            elif fut.done() and not fut.cancelled() and fut.exception() is None:
+                core.imm_credit(iv, n)  # resolved, but the caller never saw it
+            raise
+
+    def imm_counter(self, imm: int) -> ImmCounter:
+        self._core_or_closed()
+        return ImmCounter(self, _imm("imm", imm))
+
+    # -------------------------------------------------------------- messages
+
+    def send(self, address: bytes | EngineAddress, data: bytes) -> asyncio.Future:
+        """Send a small control message (at most msg_size bytes) to an engine."""
+        core = self._core_or_closed()
+        if isinstance(address, EngineAddress):
+            owner = address
+        elif isinstance(address, (bytes, bytearray, memoryview)):
+            owner = EngineAddress.from_bytes(bytes(address))
+        else:
+            raise TypeError(f"address must be bytes, not {type(address).__name__}")
+        try:
+            payload = memoryview(data).cast("B")
+        except TypeError:
+            raise TypeError(f"data must be bytes-like, not {type(data).__name__}") from None
+        if payload.nbytes > self._msg_size:
+            raise ValueError(f"data is {payload.nbytes} bytes; messages are limited to "
+                             f"msg_size={self._msg_size}")
+        peer = self._peer(owner)
+        rid = self._c.new_id()  # type: ignore[union-attr]
+        try:
+            core.post_send(rid, peer, payload if payload.nbytes else b"")
+        except _core.CoreError as exc:
+            raise self._posted(exc, "send", payload.nbytes, str(owner)) from None
+        return self._track(rid, None, "send", payload.nbytes, str(owner))
+
+    async def recv(self, *, timeout: float | None = None) -> bytes:
+        """Receive the next control message."""
+        self._core_or_closed()
+        c = self._c
+        assert c is not None
+        if c.messages:
+            return c.messages.popleft()
+        fut = c.loop.create_future()
+        c.recv_waiters.append(fut)
+        try:
+            if timeout is None:
+                return await fut
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except BaseException:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                c.messages.appendleft(fut.result())  # delivered, but the caller gave up
+            fut.cancel()
+            raise

@@ -1,0 +1,1456 @@
+/*
+ * atx.c: progress worker, submission/completion queues and immediate
+ * counters of aiotransfer.  See atx.h for the contract.
+ *
+ * Threads:
+ *   - the creating (Python) thread builds the libfabric objects, then starts
+ *     the worker; from then on only the worker calls libfabric.
+ *   - Python threads submit operations and synchronous commands into
+ *     `sub_q` (mutex) and read records from `rec_q` (mutex + eventfd).
+ *   - the worker owns ops, contexts, receive buffers and the peer table.
+ */
+#define _GNU_SOURCE
+#include "atx.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <rdma/fabric.h>
+#include <rdma/fi_cm.h>
+#include <rdma/fi_domain.h>
+#include <rdma/fi_endpoint.h>
+#include <rdma/fi_eq.h>
+#include <rdma/fi_errno.h>
+#include <rdma/fi_rma.h>
+
+#define ATX_CQ_BATCH 32
+#define ATX_SPIN_NS 50000ULL          /* keep polling this long after activity */
+#define ATX_SLEEP_MIN_NS 20000ULL     /* first sleep of an idle poller */
+#define ATX_SLEEP_MAX_NS 1000000ULL   /* longest sleep of an idle poller (1 ms) */
+#define ATX_BLOCK_MS 100              /* safety timer of a blocked worker */
+
+/* ------------------------------------------------------------------ ops */
+
+enum {
+    OP_WRITE = 1, OP_PAGED, OP_SCATTER, OP_SEND,
+    CMD_MR_REG, CMD_MR_DEREG, CMD_PEER_INSERT,
+};
+
+enum { CTX_TX = 1, CTX_RX = 2 };
+
+struct atx_op;
+
+typedef struct atx_ctx {
+    struct fi_context2 fictx;        /* must be first */
+    int kind;
+    struct atx_op *op;                /* CTX_TX */
+    uint64_t bytes;                   /* CTX_TX: payload of this WR */
+    char *buf;                        /* CTX_RX: receive buffer */
+    struct atx_ctx *next_free;
+} atx_ctx;
+
+typedef struct atx_cmd {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int done;
+    int rc;
+    char err[ATX_ERRLEN];
+    /* arguments */
+    void *addr; size_t len; int remote_read; atx_mr *mr;
+    int nnames; const void *const *names; const size_t *lens; uint64_t peer;
+} atx_cmd;
+
+typedef struct atx_op {
+    struct atx_op *next;              /* sub_q / post_q link */
+    struct atx_op *lprev, *lnext;     /* live list */
+    uint64_t id;
+    int type;
+    int nic;
+    /* source */
+    char *src;                        /* base address of the source region */
+    void *src_desc;
+    /* OP_WRITE */
+    uint64_t src_off, dst_off, len, chunk;
+    atx_rdest dst;
+    /* OP_PAGED */
+    int64_t *src_pages, *dst_pages;
+    uint64_t src_stride, dst_stride, page_size;
+    /* OP_SCATTER */
+    atx_scatter_entry *entries;
+    /* OP_SEND */
+    char *msg; size_t msglen; uint64_t peer; struct fid_mr *msg_mr;
+    /* immediates */
+    int has_imm; uint32_t imm;
+    int tail_imm;                     /* 0 none, 1 waiting for data, 2 ready, 3 posted */
+    /* progress */
+    uint64_t nwr, next_wr, inflight, done;
+    uint64_t bytes;
+    int in_post_q;
+    int status, prov_errno;
+    char *errtext;
+    atx_cmd *cmd;
+} atx_op;
+
+typedef struct atx_waiter {
+    struct atx_waiter *next;
+    uint64_t id, need;
+} atx_waiter;
+
+typedef struct atx_counter {
+    uint32_t imm;
+    int used;
+    uint64_t avail, total;
+    atx_waiter *head, *tail;
+} atx_counter;
+
+typedef struct atx_nic {
+    struct fi_info *info;
+    struct fid_fabric *fabric;
+    struct fid_domain *domain;
+    struct fid_ep *ep;
+    struct fid_cq *cq;
+    struct fid_av *av;
+    int cq_fd;                        /* -1: must be polled */
+    atx_nic_info pub;
+    /* receive buffers */
+    char *rx_block;
+    struct fid_mr *rx_mr;
+    void *rx_desc;
+    atx_ctx *rx_ctx;
+    int rx_count;
+    /* transmit contexts */
+    atx_ctx *tx_ctx;
+    atx_ctx *tx_free;
+    size_t tx_depth, tx_used;
+    atx_stats stats;
+} atx_nic;
+
+struct atx_engine {
+    atx_config cfg;
+    char provider[64];
+    int nnics;
+    atx_nic nics[ATX_MAX_NICS];
+    uint64_t next_key;
+
+    pthread_t thread;
+    int thread_started;
+    int stop;                          /* set under sub_lock */
+    int stopped;                       /* worker exited */
+
+    /* submission queue */
+    pthread_mutex_t sub_lock;
+    atx_op *sub_head, *sub_tail;
+    int sleeping;
+    int wake_fd;
+
+    /* worker-private */
+    atx_op *post_head, *post_tail;
+    atx_op *live;
+    fi_addr_t *peers;                  /* peers[p * nnics + nic] */
+    size_t npeers, peers_cap;
+    atx_record *batch;
+    size_t batch_n, batch_cap;
+
+    /* completion records */
+    pthread_mutex_t rec_lock;
+    atx_record *recs;
+    size_t rec_head, rec_n, rec_cap;
+    int notified;
+    int notify_fd;
+
+    /* immediate counters */
+    pthread_mutex_t imm_lock;
+    atx_counter *ctab;
+    size_t ctab_cap, ctab_used;
+};
+
+const char *atx_strerror(int err) { return fi_strerror(err < 0 ? -err : err); }
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+static void seterr(char *err, size_t errlen, const char *what, int rc) {
+    if (err && errlen)
+        snprintf(err, errlen, "%s: %s (%d)", what, fi_strerror(rc < 0 ? -rc : rc), rc);
+}
+
+/* ------------------------------------------------------------ records */
+
+static void batch_push(atx_engine *e, const atx_record *r) {
+    if (e->batch_n == e->batch_cap) {
+        size_t cap = e->batch_cap ? e->batch_cap * 2 : 256;
+        atx_record *nb = realloc(e->batch, cap * sizeof(*nb));
+        if (!nb) abort();
+        e->batch = nb;
+        e->batch_cap = cap;
+    }
+    e->batch[e->batch_n++] = *r;
+}
+
+/* Append records to the shared queue; wake the loop once per burst. */
+static void rec_publish(atx_engine *e, const atx_record *r, size_t n) {
+    int wake = 0;
+    if (!n) return;
+    pthread_mutex_lock(&e->rec_lock);
+    if (e->rec_head && e->rec_head == e->rec_n) e->rec_head = e->rec_n = 0;
+    if (e->rec_n + n > e->rec_cap) {
+        if (e->rec_head) {
+            memmove(e->recs, e->recs + e->rec_head, (e->rec_n - e->rec_head) * sizeof(*r));
+            e->rec_n -= e->rec_head;
+            e->rec_head = 0;
+        }
+        if (e->rec_n + n > e->rec_cap) {
+            size_t cap = e->rec_cap ? e->rec_cap : 1024;
+            while (cap < e->rec_n + n) cap *= 2;
+            atx_record *nr = realloc(e->recs, cap * sizeof(*nr));
+            if (!nr) abort();
+            e->recs = nr;
+            e->rec_cap = cap;
+        }
+    }
+    memcpy(e->recs + e->rec_n, r, n * sizeof(*r));
+    e->rec_n += n;
+    if (!e->notified) { e->notified = 1; wake = 1; }
+    pthread_mutex_unlock(&e->rec_lock);
+    if (wake) {
+        uint64_t one = 1;
+        ssize_t w = write(e->notify_fd, &one, sizeof(one));
+        (void)w;
+    }
+}
+
+static void batch_flush(atx_engine *e) {
+    rec_publish(e, e->batch, e->batch_n);
+    e->batch_n = 0;
+}
+
+size_t atx_drain(atx_engine *e, atx_record *out, size_t max) {
+    uint64_t v;
+    size_t n;
+    ssize_t r = read(e->notify_fd, &v, sizeof(v));
+    (void)r;
+    pthread_mutex_lock(&e->rec_lock);
+    n = e->rec_n - e->rec_head;
+    if (n > max) n = max;
+    memcpy(out, e->recs + e->rec_head, n * sizeof(*out));
+    e->rec_head += n;
+    if (e->rec_head == e->rec_n) {
+        e->rec_head = e->rec_n = 0;
+        e->notified = 0;
+    }
+    pthread_mutex_unlock(&e->rec_lock);
+    return n;
+}
+
+/* ----------------------------------------------------- immediate counters */
+
+static atx_counter *ctab_find(atx_engine *e, uint32_t imm, int create) {
+    size_t mask, i;
+    if (e->ctab_cap == 0) {
+        if (!create) return NULL;
+        e->ctab_cap = 64;
+        e->ctab = calloc(e->ctab_cap, sizeof(atx_counter));
+        if (!e->ctab) abort();
+    }
+    if (create && (e->ctab_used + 1) * 2 > e->ctab_cap) {
+        size_t oc = e->ctab_cap, j;
+        atx_counter *old = e->ctab;
+        e->ctab_cap = oc * 2;
+        e->ctab = calloc(e->ctab_cap, sizeof(atx_counter));
+        if (!e->ctab) abort();
+        mask = e->ctab_cap - 1;
+        for (j = 0; j < oc; j++) {
+            if (!old[j].used) continue;
+            i = (old[j].imm * 2654435761u) & mask;
+            while (e->ctab[i].used) i = (i + 1) & mask;
+            e->ctab[i] = old[j];
+        }
+        free(old);
+    }
+    mask = e->ctab_cap - 1;
+    i = (imm * 2654435761u) & mask;
+    while (e->ctab[i].used) {
+        if (e->ctab[i].imm == imm) return &e->ctab[i];
+        i = (i + 1) & mask;
+    }
+    if (!create) return NULL;
+    e->ctab[i].used = 1;
+    e->ctab[i].imm = imm;
+    e->ctab_used++;
+    return &e->ctab[i];
+}
+
+/* With imm_lock held: fire waiters whose threshold is met. */
+static void counter_fire(atx_engine *e, atx_counter *c, atx_record *out, size_t *nout,
+                         size_t max) {
+    (void)e;
+    while (c->head && c->avail >= c->head->need && *nout < max) {
+        atx_waiter *w = c->head;
+        c->avail -= w->need;
+        c->head = w->next;
+        if (!c->head) c->tail = NULL;
+        memset(&out[*nout], 0, sizeof(atx_record));
+        out[*nout].id = w->id;
+        out[*nout].kind = ATX_REC_WAITER;
+        out[*nout].bytes = w->need;
+        (*nout)++;
+        free(w);
+    }
+}
+
+static void imm_arrived(atx_engine *e, uint32_t imm) {
+    atx_record fired[8];
+    size_t n;
+    atx_counter *c;
+    pthread_mutex_lock(&e->imm_lock);
+    c = ctab_find(e, imm, 1);
+    c->avail++;
+    c->total++;
+    do {
+        n = 0;
+        counter_fire(e, c, fired, &n, 8);
+        for (size_t i = 0; i < n; i++) batch_push(e, &fired[i]);
+    } while (n == 8);
+    pthread_mutex_unlock(&e->imm_lock);
+}
+
+int atx_imm_expect(atx_engine *e, uint32_t imm, uint64_t need, uint64_t id) {
+    int rc = 0;
+    atx_counter *c;
+    pthread_mutex_lock(&e->imm_lock);
+    c = ctab_find(e, imm, 1);
+    if (!c->head && c->avail >= need) {
+        c->avail -= need;
+        rc = 1;
+    } else {
+        atx_waiter *w = malloc(sizeof(*w));
+        if (!w) abort();
+        w->next = NULL;
+        w->id = id;
+        w->need = need;
+        if (c->tail) c->tail->next = w; else c->head = w;
+        c->tail = w;
+    }
+    pthread_mutex_unlock(&e->imm_lock);
+    return rc;
+}
+
+int atx_imm_cancel(atx_engine *e, uint32_t imm, uint64_t id) {
+    int found = 0;
+    atx_counter *c;
+    atx_record fired[64];
+    size_t n = 0;
+    pthread_mutex_lock(&e->imm_lock);
+    c = ctab_find(e, imm, 0);
+    if (c) {
+        atx_waiter **pp = &c->head, *prev = NULL;
+        while (*pp) {
+            if ((*pp)->id == id) {
+                atx_waiter *w = *pp;
+                *pp = w->next;
+                if (c->tail == w) c->tail = prev;
+                free(w);
+                found = 1;
+                break;
+            }
+            prev = *pp;
+            pp = &(*pp)->next;
+        }
+        /* removing the head may let the next waiter fire */
+        if (found) counter_fire(e, c, fired, &n, 64);
+    }
+    pthread_mutex_unlock(&e->imm_lock);
+    rec_publish(e, fired, n);
+    return found;
+}
+
+void atx_imm_credit(atx_engine *e, uint32_t imm, uint64_t nback) {
+    atx_counter *c;
+    atx_record fired[64];
+    size_t n = 0;
+    pthread_mutex_lock(&e->imm_lock);
+    c = ctab_find(e, imm, 1);
+    c->avail += nback;
+    counter_fire(e, c, fired, &n, 64);
+    pthread_mutex_unlock(&e->imm_lock);
+    rec_publish(e, fired, n);
+}
+
+void atx_imm_value(atx_engine *e, uint32_t imm, uint64_t *avail, uint64_t *total) {
+    atx_counter *c;
+    pthread_mutex_lock(&e->imm_lock);
+    c = ctab_find(e, imm, 0);
+    *avail = c ? c->avail : 0;
+    *total = c ? c->total : 0;
+    pthread_mutex_unlock(&e->imm_lock);
+}
+
+/* --------------------------------------------------------- submission */
+
+static void wake_worker(atx_engine *e) {
+    uint64_t one = 1;
+    ssize_t w = write(e->wake_fd, &one, sizeof(one));
+    (void)w;
+}
+
+static int submit(atx_engine *e, atx_op *op) {
+    int wake;
+    pthread_mutex_lock(&e->sub_lock);
+    if (e->stop) {
+        pthread_mutex_unlock(&e->sub_lock);
+        return -FI_ESHUTDOWN;
+    }
+    op->next = NULL;
+    if (e->sub_tail) e->sub_tail->next = op; else e->sub_head = op;
+    e->sub_tail = op;
+    wake = e->sleeping;
+    e->sleeping = 0;
+    pthread_mutex_unlock(&e->sub_lock);
+    if (wake) wake_worker(e);
+    return 0;
+}
+
+static atx_op *op_new(int type, uint64_t id) {
+    atx_op *op = calloc(1, sizeof(*op));
+    if (!op) return NULL;
+    op->type = type;
+    op->id = id;
+    return op;
+}
+
+static void op_free(atx_op *op) {
+    free(op->src_pages);
+    free(op->dst_pages);
+    free(op->entries);
+    free(op->msg);
+    free(op->errtext);
+    free(op);
+}
+
+int atx_post_write(atx_engine *e, uint64_t id, const atx_mr *src, uint64_t src_off,
+                   const atx_rdest *dst, uint64_t dst_off, uint64_t len, int has_imm,
+                   uint32_t imm) {
+    atx_op *op = op_new(OP_WRITE, id);
+    int rc;
+    if (!op) return -FI_ENOMEM;
+    op->src = src ? (char *)src->addr : NULL;
+    op->src_desc = src ? src->desc[0] : NULL;
+    op->src_off = src_off;
+    op->dst = *dst;
+    op->dst_off = dst_off;
+    op->len = len;
+    op->has_imm = has_imm;
+    op->imm = imm;
+    op->chunk = e->cfg.max_chunk;
+    if (len == 0)
+        op->nwr = has_imm ? 1 : 0;
+    else
+        op->nwr = (len + op->chunk - 1) / op->chunk;
+    if (has_imm && op->nwr > 1) op->tail_imm = 1;
+    rc = submit(e, op);
+    if (rc) op_free(op);
+    return rc;
+}
+
+int atx_post_paged(atx_engine *e, uint64_t id, const atx_mr *src, uint64_t src_off,
+                   uint64_t src_stride, int64_t *src_pages, const atx_rdest *dst,
+                   uint64_t dst_off, uint64_t dst_stride, int64_t *dst_pages, uint64_t npages,
+                   uint64_t page_size, int has_imm, uint32_t imm) {
+    atx_op *op = op_new(OP_PAGED, id);
+    int rc;
+    if (!op) {
+        free(src_pages);
+        free(dst_pages);
+        return -FI_ENOMEM;
+    }
+    op->src = (char *)src->addr;
+    op->src_desc = src->desc[0];
+    op->src_off = src_off;
+    op->src_stride = src_stride;
+    op->src_pages = src_pages;
+    op->dst = *dst;
+    op->dst_off = dst_off;
+    op->dst_stride = dst_stride;
+    op->dst_pages = dst_pages;
+    op->nwr = npages;
+    op->page_size = page_size;
+    op->has_imm = has_imm;
+    op->imm = imm;
+    rc = submit(e, op);
+    if (rc) op_free(op);
+    return rc;
+}
+
+int atx_post_scatter(atx_engine *e, uint64_t id, const atx_mr *src, atx_scatter_entry *ent,
+                     uint64_t n, int has_imm, uint32_t imm) {
+    atx_op *op = op_new(OP_SCATTER, id);
+    int rc;
+    if (!op) {
+        free(ent);
+        return -FI_ENOMEM;
+    }
+    op->src = src ? (char *)src->addr : NULL;
+    op->src_desc = src ? src->desc[0] : NULL;
+    op->entries = ent;
+    op->nwr = n;
+    op->has_imm = has_imm;
+    op->imm = imm;
+    rc = submit(e, op);
+    if (rc) op_free(op);
+    return rc;
+}
+
+int atx_post_send(atx_engine *e, uint64_t id, uint64_t peer, const void *data, size_t len) {
+    atx_op *op = op_new(OP_SEND, id);
+    int rc;
+    if (!op) return -FI_ENOMEM;
+    op->msg = malloc(len ? len : 1);
+    if (!op->msg) {
+        free(op);
+        return -FI_ENOMEM;
+    }
+    memcpy(op->msg, data, len);
+    op->msglen = len;
+    op->peer = peer;
+    op->nwr = 1;
+    rc = submit(e, op);
+    if (rc) op_free(op);
+    return rc;
+}
+
+static void do_mr_dereg(atx_engine *e, atx_cmd *cmd);
+
+/* Run a command on the worker and wait for it (called without the GIL). */
+static int run_cmd(atx_engine *e, int type, atx_cmd *cmd) {
+    atx_op *op = op_new(type, 0);
+    int rc;
+    if (!op) return -FI_ENOMEM;
+    pthread_mutex_init(&cmd->lock, NULL);
+    pthread_cond_init(&cmd->cond, NULL);
+    cmd->done = 0;
+    cmd->rc = 0;
+    cmd->err[0] = 0;
+    op->cmd = cmd;
+    rc = submit(e, op);
+    if (rc) {
+        op_free(op);
+    } else {
+        pthread_mutex_lock(&cmd->lock);
+        while (!cmd->done) pthread_cond_wait(&cmd->cond, &cmd->lock);
+        pthread_mutex_unlock(&cmd->lock);
+        rc = cmd->rc;
+    }
+    pthread_mutex_destroy(&cmd->lock);
+    pthread_cond_destroy(&cmd->cond);
+    return rc;
+}
+
+static void cmd_finish(atx_cmd *cmd, int rc) {
+    pthread_mutex_lock(&cmd->lock);
+    cmd->rc = rc;
+    cmd->done = 1;
+    pthread_cond_signal(&cmd->cond);
+    pthread_mutex_unlock(&cmd->lock);
+}
+
+int atx_mr_reg(atx_engine *e, void *addr, size_t len, int remote_read, atx_mr *out, char *err,
+               size_t errlen) {
+    atx_cmd cmd;
+    int rc;
+    memset(&cmd, 0, sizeof(cmd));
+    memset(out, 0, sizeof(*out));
+    cmd.addr = addr;
+    cmd.len = len;
+    cmd.remote_read = remote_read;
+    cmd.mr = out;
+    rc = run_cmd(e, CMD_MR_REG, &cmd);
+    if (rc && err) snprintf(err, errlen, "%s", cmd.err[0] ? cmd.err : fi_strerror(-rc));
+    return rc;
+}
+
+int atx_mr_dereg(atx_engine *e, atx_mr *mr) {
+    atx_cmd cmd;
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.mr = mr;
+    if (e->stopped) {
+        /* the worker is gone: nothing else touches libfabric any more */
+        pthread_mutex_init(&cmd.lock, NULL);
+        pthread_cond_init(&cmd.cond, NULL);
+        do_mr_dereg(e, &cmd);
+        pthread_mutex_destroy(&cmd.lock);
+        pthread_cond_destroy(&cmd.cond);
+        return cmd.rc;
+    }
+    return run_cmd(e, CMD_MR_DEREG, &cmd);
+}
+
+int atx_peer_insert(atx_engine *e, int nnames, const void *const *names, const size_t *lens,
+                    uint64_t *peer_out, char *err, size_t errlen) {
+    atx_cmd cmd;
+    int rc;
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.nnames = nnames;
+    cmd.names = names;
+    cmd.lens = lens;
+    rc = run_cmd(e, CMD_PEER_INSERT, &cmd);
+    if (rc && err) snprintf(err, errlen, "%s", cmd.err[0] ? cmd.err : fi_strerror(-rc));
+    if (!rc) *peer_out = cmd.peer;
+    return rc;
+}
+
+/* ------------------------------------------------------------- worker */
+
+static void do_mr_reg(atx_engine *e, atx_cmd *cmd) {
+    atx_mr *mr = cmd->mr;
+    uint64_t access = FI_WRITE | FI_REMOTE_WRITE | FI_SEND | FI_RECV;
+    int i, rc = 0;
+    if (cmd->remote_read) access |= FI_READ | FI_REMOTE_READ;
+    mr->addr = cmd->addr;
+    mr->len = cmd->len;
+    mr->nnics = e->nnics;
+    for (i = 0; i < e->nnics; i++) {
+        atx_nic *n = &e->nics[i];
+        struct fid_mr *fmr = NULL;
+        uint64_t key = e->next_key++;
+        rc = fi_mr_reg(n->domain, cmd->addr, cmd->len ? cmd->len : 1, access, 0, key, 0, &fmr,
+                       NULL);
+        if (rc) {
+            seterr(cmd->err, sizeof(cmd->err), "fi_mr_reg", rc);
+            break;
+        }
+        if (n->pub.mr_endpoint) {
+            rc = fi_mr_bind(fmr, &n->ep->fid, 0);
+            if (!rc) rc = fi_mr_enable(fmr);
+            if (rc) {
+                seterr(cmd->err, sizeof(cmd->err), "fi_mr_bind/enable", rc);
+                fi_close(&fmr->fid);
+                break;
+            }
+        }
+        mr->fid[i] = fmr;
+        mr->desc[i] = fi_mr_desc(fmr);
+        mr->key[i] = n->pub.prov_key ? fi_mr_key(fmr) : key;
+        mr->base[i] = n->pub.virt_addr ? (uint64_t)(uintptr_t)cmd->addr : 0;
+    }
+    if (rc) {
+        for (int j = 0; j < i; j++) fi_close(&((struct fid_mr *)mr->fid[j])->fid);
+        memset(mr->fid, 0, sizeof(mr->fid));
+    }
+    cmd_finish(cmd, rc);
+}
+
+static void do_mr_dereg(atx_engine *e, atx_cmd *cmd) {
+    atx_mr *mr = cmd->mr;
+    int rc = 0;
+    (void)e;
+    for (int i = 0; i < mr->nnics; i++) {
+        if (mr->fid[i]) {
+            int r = fi_close(&((struct fid_mr *)mr->fid[i])->fid);
+            if (r && !rc) rc = r;
+            mr->fid[i] = NULL;
+        }
+    }
+    cmd_finish(cmd, rc);
+}
+
+static void do_peer_insert(atx_engine *e, atx_cmd *cmd) {
+    int rc = 0;
+    if (cmd->nnames != e->nnics) {
+        snprintf(cmd->err, sizeof(cmd->err), "peer has %d NICs, this engine %d", cmd->nnames,
+                 e->nnics);
+        cmd_finish(cmd, -FI_EINVAL);
+        return;
+    }
+    if (e->npeers == e->peers_cap) {
+        size_t cap = e->peers_cap ? e->peers_cap * 2 : 16;
+        fi_addr_t *np = realloc(e->peers, cap * e->nnics * sizeof(fi_addr_t));
+        if (!np) {
+            cmd_finish(cmd, -FI_ENOMEM);
+            return;
+        }
+        e->peers = np;
+        e->peers_cap = cap;
+    }
+    for (int i = 0; i < e->nnics; i++) {
+        fi_addr_t fa = FI_ADDR_NOTAVAIL;
+        int r = fi_av_insert(e->nics[i].av, cmd->names[i], 1, &fa, 0, NULL);
+        if (r != 1) {
+            snprintf(cmd->err, sizeof(cmd->err), "fi_av_insert: %s (%d)",
+                     fi_strerror(r < 0 ? -r : FI_EINVAL), r);
+            rc = r < 0 ? r : -FI_EINVAL;
+            break;
+        }
+        e->peers[e->npeers * e->nnics + i] = fa;
+    }
+    if (!rc) cmd->peer = e->npeers++;
+    cmd_finish(cmd, rc);
+}
+
+static void live_add(atx_engine *e, atx_op *op) {
+    op->lprev = NULL;
+    op->lnext = e->live;
+    if (e->live) e->live->lprev = op;
+    e->live = op;
+}
+
+static void live_del(atx_engine *e, atx_op *op) {
+    if (op->lprev) op->lprev->lnext = op->lnext; else e->live = op->lnext;
+    if (op->lnext) op->lnext->lprev = op->lprev;
+}
+
+static void postq_add(atx_engine *e, atx_op *op) {
+    op->next = NULL;
+    op->in_post_q = 1;
+    if (e->post_tail) e->post_tail->next = op; else e->post_head = op;
+    e->post_tail = op;
+}
+
+static void op_complete(atx_engine *e, atx_op *op) {
+    atx_record r;
+    memset(&r, 0, sizeof(r));
+    r.id = op->id;
+    r.kind = ATX_REC_OP;
+    r.status = op->status;
+    r.prov_errno = op->prov_errno;
+    r.bytes = op->bytes;
+    r.data = op->errtext;
+    op->errtext = NULL;
+    batch_push(e, &r);
+    if (op->msg_mr) fi_close(&op->msg_mr->fid);
+    live_del(e, op);
+    op_free(op);
+}
+
+static void op_fail(atx_op *op, int status, int prov_errno, const char *text) {
+    if (op->status) return;
+    op->status = status;
+    op->prov_errno = prov_errno;
+    if (text) op->errtext = strdup(text);
+}
+
+/* Is the op finished?  Called after any change of its state. */
+static void op_check(atx_engine *e, atx_op *op) {
+    if (op->in_post_q || op->inflight) return;
+    if (op->status == 0 && op->tail_imm == 1 && op->next_wr == op->nwr) {
+        op->tail_imm = 2;
+        postq_add(e, op);
+        return;
+    }
+    op_complete(e, op);
+}
+
+static atx_ctx *ctx_get(atx_nic *n) {
+    atx_ctx *c = n->tx_free;
+    if (c) {
+        n->tx_free = c->next_free;
+        n->tx_used++;
+    }
+    return c;
+}
+
+static void ctx_put(atx_nic *n, atx_ctx *c) {
+    c->next_free = n->tx_free;
+    n->tx_free = c;
+    n->tx_used--;
+}
+
+/* Describe work request i of op. */
+static void op_wr(atx_engine *e, atx_op *op, uint64_t i, void **lbuf, size_t *len,
+                  uint64_t *peer, uint64_t *raddr, uint64_t *key, int *imm) {
+    switch (op->type) {
+    case OP_WRITE: {
+        uint64_t off = i * op->chunk;
+        uint64_t l = op->len - off;
+        if (l > op->chunk) l = op->chunk;
+        *lbuf = op->src ? op->src + op->src_off + off : NULL;
+        *len = l;
+        *peer = op->dst.peer;
+        *raddr = op->dst.base + op->dst_off + off;
+        *key = op->dst.key;
+        *imm = op->has_imm && op->nwr == 1;
+        break;
+    }
+    case OP_PAGED:
+        *lbuf = op->src + op->src_off + (uint64_t)op->src_pages[i] * op->src_stride;
+        *len = op->page_size;
+        *peer = op->dst.peer;
+        *raddr = op->dst.base + op->dst_off + (uint64_t)op->dst_pages[i] * op->dst_stride;
+        *key = op->dst.key;
+        *imm = op->has_imm;
+        break;
+    case OP_SCATTER: {
+        atx_scatter_entry *s = &op->entries[i];
+        *lbuf = op->src ? op->src + s->src_off : NULL;
+        *len = s->len;
+        *peer = s->peer;
+        *raddr = s->base + s->dst_off;
+        *key = s->key;
+        *imm = op->has_imm;
+        break;
+    }
+    default:
+        *lbuf = NULL;
+        *len = 0;
+        *peer = UINT64_MAX;
+        *raddr = *key = 0;
+        *imm = 0;
+        break;
+    }
+    (void)e;
+}
+
+/* Post one work request of op on NIC 0.  Returns 0, -FI_EAGAIN or an error. */
+static int post_one(atx_engine *e, atx_op *op) {
+    atx_nic *n = &e->nics[op->nic];
+    atx_ctx *c = ctx_get(n);
+    int rc;
+    if (!c) return -FI_EAGAIN;
+    c->op = op;
+    if (op->type == OP_SEND) {
+        void *desc = NULL;
+        if (op->peer >= e->npeers) {
+            ctx_put(n, c);
+            return -FI_EINVAL;
+        }
+        if (n->pub.mr_local && !op->msg_mr) {
+            rc = fi_mr_reg(n->domain, op->msg, op->msglen ? op->msglen : 1, FI_SEND, 0,
+                           e->next_key++, 0, &op->msg_mr, NULL);
+            if (rc) {
+                ctx_put(n, c);
+                return rc;
+            }
+        }
+        if (op->msg_mr) desc = fi_mr_desc(op->msg_mr);
+        rc = fi_send(n->ep, op->msg, op->msglen, desc, e->peers[op->peer * e->nnics + op->nic],
+                     c);
+        c->bytes = op->msglen;
+    } else {
+        struct fi_msg_rma msg;
+        struct iovec iov;
+        struct fi_rma_iov riov;
+        void *desc;
+        uint64_t peer, raddr, key, flags = FI_COMPLETION;
+        size_t len;
+        int with_imm;
+        void *lbuf;
+        if (op->tail_imm == 2) {
+            /* the immediate of a multi-chunk write, after all chunks landed */
+            lbuf = NULL;
+            len = 0;
+            peer = op->dst.peer;
+            raddr = op->dst.base + op->dst_off;
+            key = op->dst.key;
+            with_imm = 1;
+        } else {
+            op_wr(e, op, op->next_wr, &lbuf, &len, &peer, &raddr, &key, &with_imm);
+        }
+        if (peer >= e->npeers) {
+            ctx_put(n, c);
+            return -FI_EINVAL;
+        }
+        desc = op->src_desc;
+        iov.iov_base = lbuf;
+        iov.iov_len = len;
+        riov.addr = raddr;
+        riov.len = len;
+        riov.key = key;
+        memset(&msg, 0, sizeof(msg));
+        msg.msg_iov = &iov;
+        msg.desc = &desc;
+        msg.iov_count = 1;
+        msg.addr = e->peers[peer * e->nnics + op->nic];
+        msg.rma_iov = &riov;
+        msg.rma_iov_count = 1;
+        msg.context = c;
+        if (with_imm) {
+            flags |= FI_REMOTE_CQ_DATA;
+            msg.data = op->imm;
+        }
+        /* Zero-byte writes place nothing; shm 1.17 never completes them
+         * under FI_DELIVERY_COMPLETE, so they use the default completion. */
+        if (n->pub.delivery_complete && len) flags |= FI_DELIVERY_COMPLETE;
+        rc = fi_writemsg(n->ep, &msg, flags);
+        c->bytes = len;
+    }
+    if (rc) {
+        ctx_put(n, c);
+        return rc;
+    }
+    n->stats.wrs_posted++;
+    op->inflight++;
+    if (op->tail_imm == 2) op->tail_imm = 3;
+    else op->next_wr++;
+    return 0;
+}
+
+/* Post queued work until the queue is empty, a context pool runs dry or the
+ * provider says -FI_EAGAIN.  Returns the number of WRs posted. */
+static size_t post_pending(atx_engine *e) {
+    size_t posted = 0;
+    while (e->post_head) {
+        atx_op *op = e->post_head;
+        int more = op->status == 0 &&
+                   (op->next_wr < op->nwr || op->tail_imm == 2);
+        if (more && op->tail_imm == 1 && op->next_wr == op->nwr) more = 0;
+        if (more) {
+            int rc = post_one(e, op);
+            if (rc == 0) {
+                posted++;
+                continue;
+            }
+            if (rc == -FI_EAGAIN) {
+                e->nics[op->nic].stats.eagain++;
+                break;
+            }
+            {
+                char text[ATX_ERRLEN];
+                snprintf(text, sizeof(text), "posting %s failed: %s",
+                         op->type == OP_SEND ? "fi_send" : "fi_writemsg", fi_strerror(-rc));
+                op_fail(op, rc, 0, text);
+                e->nics[op->nic].stats.errors++;
+            }
+        }
+        /* nothing more to post for this op now */
+        e->post_head = op->next;
+        if (!e->post_head) e->post_tail = NULL;
+        op->in_post_q = 0;
+        op_check(e, op);
+    }
+    return posted;
+}
+
+static void take_submissions(atx_engine *e) {
+    atx_op *list, *op;
+    pthread_mutex_lock(&e->sub_lock);
+    list = e->sub_head;
+    e->sub_head = e->sub_tail = NULL;
+    pthread_mutex_unlock(&e->sub_lock);
+    while ((op = list)) {
+        list = op->next;
+        switch (op->type) {
+        case CMD_MR_REG: do_mr_reg(e, op->cmd); op_free(op); continue;
+        case CMD_MR_DEREG: do_mr_dereg(e, op->cmd); op_free(op); continue;
+        case CMD_PEER_INSERT: do_peer_insert(e, op->cmd); op_free(op); continue;
+        default: break;
+        }
+        e->nics[op->nic].stats.ops_posted++;
+        live_add(e, op);
+        if (op->nwr == 0) {
+            op_complete(e, op);
+            continue;
+        }
+        postq_add(e, op);
+    }
+}
+
+static int post_rx(atx_engine *e, atx_nic *n, atx_ctx *c) {
+    int rc;
+    for (int tries = 0; tries < 1000; tries++) {
+        rc = (int)fi_recv(n->ep, c->buf, e->cfg.msg_size, n->rx_desc, FI_ADDR_UNSPEC, c);
+        if (rc != -FI_EAGAIN) return rc;
+        fi_cq_read(n->cq, NULL, 0);
+    }
+    return rc;
+}
+
+static void handle_tx_done(atx_engine *e, atx_nic *n, atx_ctx *c, int status, int prov_errno,
+                           const char *text) {
+    atx_op *op = c->op;
+    uint64_t bytes = c->bytes;
+    ctx_put(n, c);
+    op->inflight--;
+    if (status) {
+        op_fail(op, status, prov_errno, text);
+        n->stats.errors++;
+    } else {
+        op->bytes += bytes;
+        n->stats.bytes_written += bytes;
+    }
+    n->stats.wrs_completed++;
+    op_check(e, op);
+}
+
+static void handle_rx(atx_engine *e, atx_nic *n, struct fi_cq_data_entry *ce) {
+    atx_ctx *c = ce->op_context;
+    if (ce->flags & FI_REMOTE_WRITE) {
+        if (ce->flags & FI_REMOTE_CQ_DATA) {
+            n->stats.imms_received++;
+            imm_arrived(e, (uint32_t)ce->data);
+        }
+        /* FI_RX_CQ_DATA: the write consumed one of our receive buffers */
+        if (n->pub.rx_cq_data && c && c->kind == CTX_RX) post_rx(e, n, c);
+        return;
+    }
+    if (c && c->kind == CTX_RX) {
+        atx_record r;
+        memset(&r, 0, sizeof(r));
+        r.kind = ATX_REC_MSG;
+        r.bytes = ce->len;
+        r.data = malloc(ce->len ? ce->len : 1);
+        if (r.data) {
+            memcpy(r.data, c->buf, ce->len);
+            batch_push(e, &r);
+        }
+        n->stats.msgs_received++;
+        post_rx(e, n, c);
+    }
+}
+
+/* Read completions of NIC n; returns the number handled. */
+static size_t poll_cq(atx_engine *e, atx_nic *n) {
+    struct fi_cq_data_entry ents[ATX_CQ_BATCH];
+    size_t total = 0;
+    for (int round = 0; round < 64; round++) {
+        ssize_t got = fi_cq_read(n->cq, ents, ATX_CQ_BATCH);
+        n->stats.polls++;
+        if (got == -FI_EAGAIN) break;
+        if (got == -FI_EAVAIL) {
+            struct fi_cq_err_entry err;
+            char text[ATX_ERRLEN];
+            atx_ctx *c;
+            memset(&err, 0, sizeof(err));
+            if (fi_cq_readerr(n->cq, &err, 0) != 1) break;
+            total++;
+            c = err.op_context;
+            snprintf(text, sizeof(text), "%s (provider: %s)", fi_strerror(err.err),
+                     fi_cq_strerror(n->cq, err.prov_errno, err.err_data, NULL, 0));
+            if (c && c->kind == CTX_TX) {
+                handle_tx_done(e, n, c, -(int)err.err, err.prov_errno, text);
+            } else if (c && c->kind == CTX_RX) {
+                n->stats.errors++;
+                if (!e->stop) post_rx(e, n, c);
+            } else {
+                n->stats.errors++;
+            }
+            continue;
+        }
+        if (got < 0) {
+            n->stats.errors++;
+            break;
+        }
+        for (ssize_t i = 0; i < got; i++) {
+            struct fi_cq_data_entry *ce = &ents[i];
+            atx_ctx *c = ce->op_context;
+            if (ce->flags & (FI_REMOTE_WRITE | FI_RECV)) {
+                handle_rx(e, n, ce);
+            } else if (c && c->kind == CTX_TX) {
+                handle_tx_done(e, n, c, 0, 0, NULL);
+            }
+        }
+        total += (size_t)got;
+        if (got < ATX_CQ_BATCH) break;
+    }
+    return total;
+}
+
+static void worker_sleep(atx_engine *e, uint64_t timeout_ns, int use_cq_fds) {
+    struct pollfd pfd[ATX_MAX_NICS + 1];
+    int nfd = 0;
+    struct timespec ts;
+    pthread_mutex_lock(&e->sub_lock);
+    if (e->sub_head || e->stop) {
+        pthread_mutex_unlock(&e->sub_lock);
+        return;
+    }
+    e->sleeping = 1;
+    pthread_mutex_unlock(&e->sub_lock);
+
+    pfd[nfd].fd = e->wake_fd;
+    pfd[nfd].events = POLLIN;
+    nfd++;
+    if (use_cq_fds) {
+        struct fid *fids[ATX_MAX_NICS];
+        for (int i = 0; i < e->nnics; i++) fids[i] = &e->nics[i].cq->fid;
+        /* arm, then check again: never block on a CQ with entries */
+        if (fi_trywait(e->nics[0].fabric, fids, e->nnics) != FI_SUCCESS) goto out;
+        for (int i = 0; i < e->nnics; i++) {
+            pfd[nfd].fd = e->nics[i].cq_fd;
+            pfd[nfd].events = POLLIN;
+            nfd++;
+        }
+    }
+    ts.tv_sec = (time_t)(timeout_ns / 1000000000ULL);
+    ts.tv_nsec = (long)(timeout_ns % 1000000000ULL);
+    ppoll(pfd, (nfds_t)nfd, &ts, NULL);
+    for (int i = 0; i < e->nnics; i++) e->nics[i].stats.wakeups++;
+out:
+    {
+        uint64_t v;
+        ssize_t r = read(e->wake_fd, &v, sizeof(v));
+        (void)r;
+    }
+    pthread_mutex_lock(&e->sub_lock);
+    e->sleeping = 0;
+    pthread_mutex_unlock(&e->sub_lock);
+}
+
+static void shutdown_worker(atx_engine *e) {
+    atx_op *op, *list;
+    /* Close the endpoints first: after this no NIC touches any buffer. */
+    for (int i = 0; i < e->nnics; i++) {
+        if (e->nics[i].ep) {
+            fi_close(&e->nics[i].ep->fid);
+            e->nics[i].ep = NULL;
+        }
+    }
+    while ((op = e->live)) {
+        op_fail(op, -FI_ECANCELED, 0, "engine closed");
+        op->inflight = 0;
+        op->in_post_q = 0;
+        op_complete(e, op);
+    }
+    e->post_head = e->post_tail = NULL;
+    pthread_mutex_lock(&e->sub_lock);
+    list = e->sub_head;
+    e->sub_head = e->sub_tail = NULL;
+    pthread_mutex_unlock(&e->sub_lock);
+    while ((op = list)) {
+        list = op->next;
+        if (op->cmd) {
+            if (op->type == CMD_MR_DEREG) do_mr_dereg(e, op->cmd);
+            else cmd_finish(op->cmd, -FI_ECANCELED);
+            op_free(op);
+            continue;
+        }
+        live_add(e, op);
+        op_fail(op, -FI_ECANCELED, 0, "engine closed");
+        op_complete(e, op);
+    }
+    batch_flush(e);
+}
+
+static void *worker_main(void *arg) {
+    atx_engine *e = arg;
+    uint64_t last_activity = now_ns();
+    uint64_t sleep_ns = ATX_SLEEP_MIN_NS;
+    int any_fd = 1;
+    for (int i = 0; i < e->nnics; i++)
+        if (e->nics[i].cq_fd < 0) any_fd = 0;
+
+    if (e->cfg.cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(e->cfg.cpu, &set);
+        pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
+    }
+
+    for (;;) {
+        size_t work = 0;
+        int stop;
+        pthread_mutex_lock(&e->sub_lock);
+        stop = e->stop;
+        pthread_mutex_unlock(&e->sub_lock);
+        if (stop) break;
+
+        take_submissions(e);
+        work += post_pending(e);
+        for (int i = 0; i < e->nnics; i++) work += poll_cq(e, &e->nics[i]);
+        work += post_pending(e);
+        batch_flush(e);
+
+        if (work) {
+            last_activity = now_ns();
+            sleep_ns = ATX_SLEEP_MIN_NS;
+            continue;
+        }
+        {
+            uint64_t t = now_ns();
+            int busy = e->post_head != NULL;
+            for (int i = 0; i < e->nnics; i++) busy |= e->nics[i].tx_used > 0;
+            if (t - last_activity < ATX_SPIN_NS) {
+                sched_yield();
+                continue;
+            }
+            if (any_fd) {
+                /* the CQ fds wake us for completions and incoming data */
+                worker_sleep(e, (uint64_t)ATX_BLOCK_MS * 1000000ULL, 1);
+            } else {
+                /* must poll: back off from 20 us to 1 ms (busy: 100 us) */
+                uint64_t cap = busy ? ATX_SLEEP_MAX_NS / 10 : ATX_SLEEP_MAX_NS;
+                worker_sleep(e, sleep_ns, 0);
+                sleep_ns *= 2;
+                if (sleep_ns > cap) sleep_ns = cap;
+            }
+        }
+    }
+    shutdown_worker(e);
+    return NULL;
+}
+
+/* ---------------------------------------------------------- lifecycle */
+
+static int open_nic(atx_engine *e, atx_nic *n, struct fi_info *info, char *err, size_t errlen) {
+    struct fi_cq_attr cq_attr;
+    struct fi_av_attr av_attr;
+    int rc;
+
+    n->info = fi_dupinfo(info);
+    n->cq_fd = -1;
+    rc = fi_fabric(info->fabric_attr, &n->fabric, NULL);
+    if (rc) { seterr(err, errlen, "fi_fabric", rc); return rc; }
+    rc = fi_domain(n->fabric, info, &n->domain, NULL);
+    if (rc) { seterr(err, errlen, "fi_domain", rc); return rc; }
+
+    memset(&cq_attr, 0, sizeof(cq_attr));
+    cq_attr.format = FI_CQ_FORMAT_DATA;
+    cq_attr.size = info->tx_attr->size + info->rx_attr->size + (size_t)e->cfg.msg_count + 64;
+    cq_attr.wait_obj = FI_WAIT_FD;
+    rc = fi_cq_open(n->domain, &cq_attr, &n->cq, NULL);
+    if (rc == 0) {
+        int fd = -1;
+        if (fi_control(&n->cq->fid, FI_GETWAIT, &fd) == 0 && fd >= 0) {
+            n->cq_fd = fd;
+        } else {
+            fi_close(&n->cq->fid);
+            n->cq = NULL;
+            rc = -FI_ENOSYS;
+        }
+    }
+    if (rc) {
+        cq_attr.wait_obj = FI_WAIT_NONE;
+        rc = fi_cq_open(n->domain, &cq_attr, &n->cq, NULL);
+        if (rc) { seterr(err, errlen, "fi_cq_open", rc); return rc; }
+    }
+    memset(&av_attr, 0, sizeof(av_attr));
+    av_attr.type = FI_AV_TABLE;
+    rc = fi_av_open(n->domain, &av_attr, &n->av, NULL);
+    if (rc) { seterr(err, errlen, "fi_av_open", rc); return rc; }
+    rc = fi_endpoint(n->domain, info, &n->ep, NULL);
+    if (rc) { seterr(err, errlen, "fi_endpoint", rc); return rc; }
+    rc = fi_ep_bind(n->ep, &n->av->fid, 0);
+    if (!rc) rc = fi_ep_bind(n->ep, &n->cq->fid, FI_TRANSMIT | FI_RECV);
+    if (rc) { seterr(err, errlen, "fi_ep_bind", rc); return rc; }
+    rc = fi_enable(n->ep);
+    if (rc) { seterr(err, errlen, "fi_enable", rc); return rc; }
+
+    /* public facts */
+    snprintf(n->pub.name, sizeof(n->pub.name), "%s",
+             info->domain_attr->name ? info->domain_attr->name : "?");
+    snprintf(n->pub.fabric, sizeof(n->pub.fabric), "%s",
+             info->fabric_attr->name ? info->fabric_attr->name : "?");
+    if (info->nic && info->nic->link_attr) n->pub.link_speed = info->nic->link_attr->speed;
+    n->pub.mr_mode = (uint64_t)info->domain_attr->mr_mode;
+    n->pub.mode = info->mode;
+    n->pub.max_msg_size = info->ep_attr->max_msg_size;
+    n->pub.inject_size = info->tx_attr->inject_size;
+    n->pub.cq_data_size = info->domain_attr->cq_data_size;
+    n->pub.tx_size = info->tx_attr->size;
+    n->pub.wait_fd = n->cq_fd >= 0;
+    n->pub.virt_addr = (info->domain_attr->mr_mode & FI_MR_VIRT_ADDR) != 0;
+    n->pub.prov_key = (info->domain_attr->mr_mode & FI_MR_PROV_KEY) != 0;
+    n->pub.mr_local = (info->domain_attr->mr_mode & FI_MR_LOCAL) != 0;
+    n->pub.mr_endpoint = (info->domain_attr->mr_mode & FI_MR_ENDPOINT) != 0;
+    n->pub.rx_cq_data = (info->mode & FI_RX_CQ_DATA) != 0;
+    n->pub.delivery_complete = e->cfg.delivery_complete;
+    n->pub.data_progress_manual = info->domain_attr->data_progress == FI_PROGRESS_MANUAL;
+
+    /* transmit contexts: bound the WRs in flight by the queue depth */
+    n->tx_depth = info->tx_attr->size ? info->tx_attr->size : 256;
+    if (n->tx_depth > 4096) n->tx_depth = 4096;
+    n->tx_ctx = calloc(n->tx_depth, sizeof(atx_ctx));
+    if (!n->tx_ctx) return -FI_ENOMEM;
+    for (size_t i = 0; i < n->tx_depth; i++) {
+        n->tx_ctx[i].kind = CTX_TX;
+        n->tx_ctx[i].next_free = n->tx_free;
+        n->tx_free = &n->tx_ctx[i];
+    }
+
+    /* receive buffers: control messages, and remote CQ data under FI_RX_CQ_DATA */
+    n->rx_count = e->cfg.msg_count;
+    n->rx_block = malloc((size_t)n->rx_count * e->cfg.msg_size);
+    n->rx_ctx = calloc((size_t)n->rx_count, sizeof(atx_ctx));
+    if (!n->rx_block || !n->rx_ctx) return -FI_ENOMEM;
+    if (n->pub.mr_local) {
+        rc = fi_mr_reg(n->domain, n->rx_block, (size_t)n->rx_count * e->cfg.msg_size, FI_RECV, 0,
+                       e->next_key++, 0, &n->rx_mr, NULL);
+        if (rc) { seterr(err, errlen, "fi_mr_reg (receive buffers)", rc); return rc; }
+        if (n->pub.mr_endpoint) {
+            rc = fi_mr_bind(n->rx_mr, &n->ep->fid, 0);
+            if (!rc) rc = fi_mr_enable(n->rx_mr);
+            if (rc) { seterr(err, errlen, "fi_mr_bind (receive buffers)", rc); return rc; }
+        }
+        n->rx_desc = fi_mr_desc(n->rx_mr);
+    }
+    for (int i = 0; i < n->rx_count; i++) {
+        atx_ctx *c = &n->rx_ctx[i];
+        c->kind = CTX_RX;
+        c->buf = n->rx_block + (size_t)i * e->cfg.msg_size;
+        rc = post_rx(e, n, c);
+        if (rc) { seterr(err, errlen, "fi_recv", rc); return rc; }
+    }
+    return 0;
+}
+
+static void close_nic(atx_nic *n) {
+    if (n->ep) fi_close(&n->ep->fid);
+    if (n->rx_mr) fi_close(&n->rx_mr->fid);
+    if (n->av) fi_close(&n->av->fid);
+    if (n->cq) fi_close(&n->cq->fid);
+    if (n->domain) fi_close(&n->domain->fid);
+    if (n->fabric) fi_close(&n->fabric->fid);
+    if (n->info) fi_freeinfo(n->info);
+    free(n->rx_block);
+    free(n->rx_ctx);
+    free(n->tx_ctx);
+    memset(n, 0, sizeof(*n));
+}
+
+static struct fi_info *make_hints(const atx_config *cfg) {
+    struct fi_info *h = fi_allocinfo();
+    if (!h) return NULL;
+    h->caps = FI_RMA | FI_WRITE | FI_REMOTE_WRITE | FI_MSG | FI_SEND | FI_RECV;
+    h->mode = FI_CONTEXT | FI_CONTEXT2 | FI_RX_CQ_DATA;
+    h->ep_attr->type = FI_EP_RDM;
+    h->domain_attr->mr_mode =
+        FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_ENDPOINT;
+    h->domain_attr->threading = FI_THREAD_DOMAIN;
+    h->fabric_attr->prov_name = strdup(cfg->provider);
+    if (cfg->domain && cfg->domain[0]) h->domain_attr->name = strdup(cfg->domain);
+    return h;
+}
+
+int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t errlen) {
+    struct fi_info *hints, *list = NULL, *pick = NULL;
+    atx_engine *e;
+    int rc;
+
+    *out = NULL;
+    hints = make_hints(cfg);
+    if (!hints) return -FI_ENOMEM;
+    rc = fi_getinfo(FI_VERSION(1, 17), NULL, NULL, 0, hints, &list);
+    fi_freeinfo(hints);
+    if (rc || !list) {
+        snprintf(err, errlen, "no libfabric provider matches provider=%s domain=%s: %s",
+                 cfg->provider, cfg->domain ? cfg->domain : "(any)",
+                 fi_strerror(rc < 0 ? -rc : FI_ENODATA));
+        return rc ? rc : -FI_ENODATA;
+    }
+    /* Layered providers do not always filter by domain name: do it here.
+     * Prefer IPv4 addressing where there is a choice. */
+    for (int pass = 0; pass < 2 && !pick; pass++) {
+        for (struct fi_info *i = list; i; i = i->next) {
+            if (cfg->domain && cfg->domain[0] &&
+                (!i->domain_attr->name || strcmp(i->domain_attr->name, cfg->domain) != 0))
+                continue;
+            if (pass == 0 && i->addr_format != FI_SOCKADDR_IN) continue;
+            pick = i;
+            break;
+        }
+    }
+    if (!pick) {
+        snprintf(err, errlen, "provider %s has no NIC (domain) named %s", cfg->provider,
+                 cfg->domain);
+        fi_freeinfo(list);
+        return -FI_ENODATA;
+    }
+
+    e = calloc(1, sizeof(*e));
+    if (!e) {
+        fi_freeinfo(list);
+        return -FI_ENOMEM;
+    }
+    e->cfg = *cfg;
+    snprintf(e->provider, sizeof(e->provider), "%s", cfg->provider);
+    e->cfg.provider = e->provider;
+    e->cfg.domain = NULL;
+    if (e->cfg.msg_size == 0) e->cfg.msg_size = 65536;
+    if (e->cfg.msg_count <= 0) e->cfg.msg_count = 64;
+    e->next_key = 1;
+    e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    e->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    pthread_mutex_init(&e->sub_lock, NULL);
+    pthread_mutex_init(&e->rec_lock, NULL);
+    pthread_mutex_init(&e->imm_lock, NULL);
+
+    e->nnics = 1;
+    rc = open_nic(e, &e->nics[0], pick, err, errlen);
+    fi_freeinfo(list);
+    if (rc) {
+        atx_engine_destroy(e);
+        return rc;
+    }
+    if (e->cfg.max_chunk == 0 || e->cfg.max_chunk > e->nics[0].pub.max_msg_size)
+        e->cfg.max_chunk = e->nics[0].pub.max_msg_size;
+    if (e->cfg.max_chunk > (1ULL << 30)) e->cfg.max_chunk = 1ULL << 30;
+
+    rc = pthread_create(&e->thread, NULL, worker_main, e);
+    if (rc) {
+        snprintf(err, errlen, "pthread_create: %s", strerror(rc));
+        atx_engine_destroy(e);
+        return -FI_EOTHER;
+    }
+    e->thread_started = 1;
+    *out = e;
+    return 0;
+}
+
+int atx_engine_notify_fd(atx_engine *e) { return e->notify_fd; }
+int atx_engine_nic_count(atx_engine *e) { return e->nnics; }
+const atx_nic_info *atx_engine_nic(atx_engine *e, int i) {
+    return (i >= 0 && i < e->nnics) ? &e->nics[i].pub : NULL;
+}
+
+int atx_engine_getname(atx_engine *e, int nic, void *buf, size_t *len) {
+    if (nic < 0 || nic >= e->nnics || !e->nics[nic].ep) return -FI_EINVAL;
+    return fi_getname(&e->nics[nic].ep->fid, buf, len);
+}
+
+void atx_engine_stop(atx_engine *e) {
+    pthread_mutex_lock(&e->sub_lock);
+    if (e->stop) {
+        pthread_mutex_unlock(&e->sub_lock);
+        return;
+    }
+    e->stop = 1;
+    pthread_mutex_unlock(&e->sub_lock);
+    wake_worker(e);
+    if (e->thread_started) {
+        pthread_join(e->thread, NULL);
+        e->thread_started = 0;
+    }
+    e->stopped = 1;
+}
+
+void atx_engine_destroy(atx_engine *e) {
+    if (!e) return;
+    atx_engine_stop(e);
+    for (int i = 0; i < ATX_MAX_NICS; i++) close_nic(&e->nics[i]);
+    for (size_t i = 0; i < e->rec_n; i++) free(e->recs[i].data);
+    free(e->recs);
+    free(e->batch);
+    free(e->peers);
+    if (e->ctab) {
+        for (size_t i = 0; i < e->ctab_cap; i++) {
+            atx_waiter *w = e->ctab[i].head;
+            while (w) {
+                atx_waiter *nx = w->next;
+                free(w);
+                w = nx;
+            }
+        }
+        free(e->ctab);
+    }
+    if (e->wake_fd >= 0) close(e->wake_fd);
+    if (e->notify_fd >= 0) close(e->notify_fd);
+    pthread_mutex_destroy(&e->sub_lock);
+    pthread_mutex_destroy(&e->rec_lock);
+    pthread_mutex_destroy(&e->imm_lock);
+    free(e);
+}
+
+void atx_engine_stats(atx_engine *e, int nic, atx_stats *out) {
+    memset(out, 0, sizeof(*out));
+    if (nic < 0 || nic >= e->nnics) return;
+    memcpy(out, &e->nics[nic].stats, sizeof(*out));
+}

@@ -1,0 +1,166 @@
+/*
+ * atx: the synchronous C core of aiotransfer.
+ *
+ * One engine = one libfabric endpoint (per NIC) owned by one progress worker
+ * thread.  Python never touches a libfabric object: it submits operations
+ * through a queue, the worker posts them, polls the completion queue, counts
+ * immediates and hands completion records back through a second queue,
+ * waking the event loop through an eventfd once per burst.
+ *
+ * Nothing in this file calls the Python C API.
+ */
+#ifndef ATX_H
+#define ATX_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define ATX_MAX_NICS 16
+#define ATX_MAX_ADDR 128
+#define ATX_ERRLEN 256
+
+/* Completion record kinds */
+enum {
+    ATX_REC_OP = 1,     /* an operation finished (status 0 or -errno) */
+    ATX_REC_WAITER = 2, /* an immediate waiter reached its threshold */
+    ATX_REC_MSG = 3,    /* a control message arrived (data/len valid) */
+};
+
+typedef struct atx_record {
+    uint64_t id;        /* op id, waiter id; 0 for messages */
+    int32_t kind;
+    int32_t status;     /* 0 or negative fi_errno */
+    int32_t prov_errno;
+    int32_t pad;
+    uint64_t bytes;     /* bytes moved (ops) / message length */
+    char *data;         /* malloc'd: message payload or error text; receiver frees */
+} atx_record;
+
+typedef struct atx_config {
+    const char *provider;     /* exact libfabric provider name, e.g. "tcp;ofi_rxm" */
+    const char *domain;       /* domain (NIC) name or NULL for the first */
+    int delivery_complete;    /* 1: FI_DELIVERY_COMPLETE on every write */
+    size_t msg_size;          /* max control message payload */
+    int msg_count;            /* posted receive buffers */
+    int cpu;                  /* pin the worker to this CPU, -1: no pinning */
+    size_t max_chunk;         /* split single writes into chunks of at most this */
+} atx_config;
+
+typedef struct atx_nic_info {
+    char name[64];
+    char fabric[64];
+    uint64_t link_speed;      /* bit/s, 0 unknown */
+    uint64_t mr_mode;
+    uint64_t mode;
+    size_t max_msg_size;
+    size_t inject_size;
+    size_t cq_data_size;
+    size_t tx_size;
+    int wait_fd;              /* CQ has a usable wait fd */
+    int virt_addr;            /* FI_MR_VIRT_ADDR */
+    int prov_key;
+    int mr_local;
+    int rx_cq_data;
+    int mr_endpoint;
+    int delivery_complete;    /* in use */
+    int data_progress_manual;
+} atx_nic_info;
+
+typedef struct atx_engine atx_engine;
+
+/* A registered memory region: one MR per NIC. */
+typedef struct atx_mr {
+    void *addr;
+    size_t len;
+    int nnics;
+    void *fid[ATX_MAX_NICS];   /* struct fid_mr* */
+    void *desc[ATX_MAX_NICS];  /* fi_mr_desc */
+    uint64_t key[ATX_MAX_NICS];
+    uint64_t base[ATX_MAX_NICS]; /* remote address of byte 0 as peers must use it */
+} atx_mr;
+
+/* One remote region as the poster needs it. */
+typedef struct atx_rdest {
+    uint64_t peer;            /* index into the engine's peer table */
+    uint64_t base;            /* address of byte 0 in the target's addressing */
+    uint64_t key;
+} atx_rdest;
+
+/* Paged description: page i goes from src_base + src_pages[i]*src_stride to
+ * dst.base + dst_pages[i]*dst_stride, page_size bytes. */
+typedef struct atx_scatter_entry {
+    uint64_t peer, base, key; /* destination */
+    uint64_t src_off;
+    uint64_t dst_off;
+    uint64_t len;
+} atx_scatter_entry;
+
+/* --- engine lifecycle --- */
+int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t errlen);
+int atx_engine_notify_fd(atx_engine *e);
+int atx_engine_nic_count(atx_engine *e);
+const atx_nic_info *atx_engine_nic(atx_engine *e, int i);
+/* raw endpoint name of NIC i */
+int atx_engine_getname(atx_engine *e, int nic, void *buf, size_t *len);
+/* Stop the worker: every queued and in-flight operation completes with
+ * -FI_ECANCELED, the endpoints are closed (the NIC no longer touches any
+ * buffer) and the worker thread is joined.  Safe to call twice. */
+void atx_engine_stop(atx_engine *e);
+/* Free everything; call after atx_engine_stop and after draining records. */
+void atx_engine_destroy(atx_engine *e);
+
+/* --- synchronous commands (run on the worker, caller blocks) --- */
+int atx_mr_reg(atx_engine *e, void *addr, size_t len, int remote_read, atx_mr *out,
+               char *err, size_t errlen);
+int atx_mr_dereg(atx_engine *e, atx_mr *mr);
+/* Insert a peer (one raw endpoint name per NIC); returns the peer index. */
+int atx_peer_insert(atx_engine *e, int nnames, const void *const *names, const size_t *lens,
+                    uint64_t *peer_out, char *err, size_t errlen);
+
+/* --- asynchronous operations (return immediately; completion is a record) --- */
+int atx_post_write(atx_engine *e, uint64_t id, const atx_mr *src, uint64_t src_off,
+                   const atx_rdest *dst, uint64_t dst_off, uint64_t len,
+                   int has_imm, uint32_t imm);
+/* Takes ownership of the page arrays (malloc'd, int64). */
+int atx_post_paged(atx_engine *e, uint64_t id, const atx_mr *src, uint64_t src_off,
+                   uint64_t src_stride, int64_t *src_pages, const atx_rdest *dst,
+                   uint64_t dst_off, uint64_t dst_stride, int64_t *dst_pages,
+                   uint64_t npages, uint64_t page_size, int has_imm, uint32_t imm);
+/* Takes ownership of entries (malloc'd). */
+int atx_post_scatter(atx_engine *e, uint64_t id, const atx_mr *src,
+                     atx_scatter_entry *entries, uint64_t n, int has_imm, uint32_t imm);
+int atx_post_send(atx_engine *e, uint64_t id, uint64_t peer, const void *data, size_t len);
+
+/* --- immediate counters --- */
+/* If `need` arrivals of imm are available, consume them and return 1.
+ * Otherwise queue waiter `id` (FIFO per immediate) and return 0; a
+ * ATX_REC_WAITER record follows when it fires. */
+int atx_imm_expect(atx_engine *e, uint32_t imm, uint64_t need, uint64_t id);
+/* Remove a queued waiter; 1 if removed, 0 if it had already fired. */
+int atx_imm_cancel(atx_engine *e, uint32_t imm, uint64_t id);
+/* Give back arrivals (a fired waiter whose future was cancelled). */
+void atx_imm_credit(atx_engine *e, uint32_t imm, uint64_t n);
+void atx_imm_value(atx_engine *e, uint32_t imm, uint64_t *available, uint64_t *total);
+
+/* --- completions --- */
+/* Move up to max records into out; returns the count.  Clears the eventfd. */
+size_t atx_drain(atx_engine *e, atx_record *out, size_t max);
+
+/* statistics */
+typedef struct atx_stats {
+    uint64_t ops_posted, wrs_posted, wrs_completed, bytes_written;
+    uint64_t imms_received, msgs_received, errors, eagain;
+    uint64_t wakeups, polls;
+} atx_stats;
+void atx_engine_stats(atx_engine *e, int nic, atx_stats *out);
+
+const char *atx_strerror(int err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
