@@ -51,6 +51,16 @@ def resolve_provider(provider: str | None) -> str:
     return PROVIDER_ALIASES.get(provider, provider)
 
 
+def sysfs_link_speed(nic: str) -> int | None:
+    """Link speed in bit/s of a network interface from sysfs, None if unknown."""
+    try:
+        with open(f"/sys/class/net/{nic}/speed") as f:
+            mbps = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return mbps * 1_000_000 if mbps > 0 else None
+
+
 # ------------------------------------------------------------------ checks
 
 def _uint(name: str, value: Any, limit: int = 1 << 64) -> int:
@@ -410,7 +420,8 @@ class TransferEngine:
         self._nics = []
         for i in range(core.nic_count()):
             d = core.nic_info(i)
-            self._nics.append(NicInfo(d["name"], self.provider, d["link_speed"], d["fabric"], d))
+            speed = d["link_speed"] or sysfs_link_speed(d["name"])
+            self._nics.append(NicInfo(d["name"], self.provider, speed, d["fabric"], d))
         self._state = "running"
         return self
 
