@@ -54,6 +54,7 @@ cdef class CoreMR:
     cdef bint registered
     cdef CoreEngine engine
     cdef readonly object obj
+    cdef public Py_ssize_t inflight   # operations posted from it, not yet completed
 
     def __dealloc__(self):
         if self.registered:
@@ -99,7 +100,7 @@ cdef class CoreEngine:
             raise MemoryError()
 
     def __init__(self, str provider, domain=None, *, bint delivery_complete=True,
-                 size_t msg_size=65536, int msg_count=64, int cpu=-1, size_t max_chunk=0):
+                 size_t msg_size=65536, int msg_count=64, int cpu=-1, size_t max_chunk=0, size_t tx_depth=0):
         cdef atx_config cfg
         cdef char err[256]
         cdef bytes prov_b = provider.encode()
@@ -115,6 +116,7 @@ cdef class CoreEngine:
         cfg.msg_count = msg_count
         cfg.cpu = cpu
         cfg.max_chunk = max_chunk
+        cfg.tx_depth = tx_depth
         err[0] = 0
         with nogil:
             rc = atx_engine_create(&cfg, &eng, err, sizeof(err))
@@ -394,3 +396,6 @@ def fabric_info(provider=None):
         i = i.next
     fi_freeinfo(lst)
     return out
+
+
+include "_futures.pxi"

@@ -4,8 +4,9 @@ Layers (see docs/architecture.md):
 
 * ``aiotransfer._core`` -- synchronous Cython wrappers of the C progress
   worker (csrc/atx.c): posting, registration, immediate counters, records.
-* ``_Completions`` (below) -- the futures layer: op ids -> futures, one
-  ``loop.add_reader`` on the worker's eventfd, drained once per wake-up.
+* ``aiotransfer._core.Completions`` (``_futures.pxi``) -- the futures
+  layer: op ids -> futures, one ``loop.add_reader`` on the worker's eventfd,
+  drained once per wake-up; the hot path (write) is posted from there.
 * ``TransferEngine`` -- argument checking and the public calls.
 """
 from __future__ import annotations
@@ -140,8 +141,7 @@ class MemoryRegion:
     deregistered; deregistering with writes in flight raises ``BufferError``.
     """
 
-    __slots__ = ("_engine", "_core", "nbytes", "remote", "descriptor", "_inflight", "obj",
-                 "__weakref__")
+    __slots__ = ("_engine", "_core", "nbytes", "remote", "descriptor", "obj", "__weakref__")
 
     def __init__(self, engine: "TransferEngine", core_mr: Any, remote: RemoteRegion,
                  obj: Any) -> None:
@@ -150,7 +150,6 @@ class MemoryRegion:
         self.nbytes: int = core_mr.nbytes
         self.remote: RemoteRegion = remote
         self.descriptor: bytes = remote.to_bytes()
-        self._inflight = 0
         self.obj = obj
 
     @property
@@ -164,8 +163,8 @@ class MemoryRegion:
 
     @property
     def inflight(self) -> int:
-        """Operations posted from this region and not yet completed."""
-        return self._inflight
+        """Operations posted from this region whose completion has not arrived."""
+        return self._core.inflight if self._core is not None else 0
 
     def close(self) -> None:
         """Deregister (same as ``engine.deregister(self)``)."""
@@ -179,7 +178,7 @@ class MemoryRegion:
             self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self.closed else f"{self._inflight} in flight"
+        state = "closed" if self.closed else f"{self.inflight} in flight"
         return f"<MemoryRegion {self.nbytes} bytes, {state}>"
 
 
@@ -212,125 +211,40 @@ class ImmCounter:
         return f"<ImmCounter imm={self.imm}>"
 
 
-class _Op:
-    __slots__ = ("fut", "src", "name", "nbytes", "peer")
+class _Messages:
+    """Control messages that arrived, and the tasks waiting in recv()."""
 
-    def __init__(self, fut: asyncio.Future, src: MemoryRegion | None, name: str, nbytes: int,
-                 peer: str | None) -> None:
-        self.fut = fut
-        self.src = src
-        self.name = name
-        self.nbytes = nbytes
-        self.peer = peer
-
-
-class _Waiter:
-    __slots__ = ("fut", "imm", "count")
-
-    def __init__(self, fut: asyncio.Future, imm: int, count: int) -> None:
-        self.fut = fut
-        self.imm = imm
-        self.count = count
-
-
-class _Completions:
-    """The futures layer: turns the core's records into resolved futures."""
-
-    def __init__(self, core: Any, loop: asyncio.AbstractEventLoop, recv_limit: int) -> None:
-        self.core = core
-        self.loop = loop
-        self.ops: dict[int, _Op] = {}
-        self.waiters: dict[int, _Waiter] = {}
-        self.messages: collections.deque[bytes] = collections.deque()
-        self.recv_waiters: collections.deque[asyncio.Future] = collections.deque()
-        self.recv_limit = recv_limit
-        self.dropped_messages = 0
-        self.next_id = 1
-        self.fd = core.fileno()
-        loop.add_reader(self.fd, self.on_readable)
-
-    def new_id(self) -> int:
-        i = self.next_id
-        self.next_id = i + 1
-        return i
-
-    def on_readable(self) -> None:
-        try:
-            self.dispatch(self.core.drain(), closing=False)
-        except Exception as exc:  # never let an exception escape into the loop's reader
-            self.loop.call_exception_handler({
-                "message": "aiotransfer: error while dispatching completions",
-                "exception": exc,
-            })
-
-    def dispatch(self, records: list, closing: bool) -> None:
-        ops = self.ops
-        for kind, rid, status, prov_errno, nbytes, data in records:
-            if kind == _core.REC_OP:
-                op = ops.pop(rid, None)
-                if op is None:
-                    continue
-                if op.src is not None:
-                    op.src._inflight -= 1
-                fut = op.fut
-                if fut.done():
-                    continue  # cancelled by the caller; its buffer is free only now
-                if status == 0:
-                    fut.set_result(None)
-                else:
-                    fut.set_exception(self.error(op, status, data, closing))
-            elif kind == _core.REC_WAITER:
-                w = self.waiters.pop(rid, None)
-                if w is None:
-                    continue
-                if w.fut.done():
-                    # the waiter was cancelled after it fired: give the arrivals back
-                    self.core.imm_credit(w.imm, w.count)
-                else:
-                    w.fut.set_result(None)
-            elif kind == _core.REC_MSG:
-                self.deliver(data)
+    def __init__(self, limit: int) -> None:
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.waiters: collections.deque[asyncio.Future] = collections.deque()
+        self.limit = limit
+        self.dropped = 0
 
     def deliver(self, data: bytes) -> None:
-        while self.recv_waiters:
-            fut = self.recv_waiters.popleft()
+        while self.waiters:
+            fut = self.waiters.popleft()
             if not fut.done():
                 fut.set_result(data)
                 return
-        if len(self.messages) >= self.recv_limit:
-            self.dropped_messages += 1
+        if len(self.queue) >= self.limit:
+            self.dropped += 1
             return
-        self.messages.append(data)
+        self.queue.append(data)
 
-    @staticmethod
-    def error(op: _Op, status: int, text: str | None, closing: bool) -> TransferError:
-        if closing or status == _core.FI_ECANCELED and text == "engine closed":
-            return EngineClosedError("engine closed with the operation in flight", op=op.name,
-                                     nbytes=op.nbytes, peer=op.peer, code=status)
-        return TransferError(f"{op.name} failed: {_core.strerror(status)}", op=op.name,
-                             nbytes=op.nbytes, peer=op.peer, provider_text=text, code=status)
-
-    def close(self) -> None:
-        """Stop the worker and resolve every future with EngineClosedError."""
-        self.loop.remove_reader(self.fd)  # remove the reader first, then close the fd
-        self.core.stop()
-        self.dispatch(self.core.drain(), closing=True)
-        exc = EngineClosedError("engine closed")
-        for op in list(self.ops.values()):
-            if op.src is not None:
-                op.src._inflight -= 1
-            if not op.fut.done():
-                op.fut.set_exception(EngineClosedError("engine closed", op=op.name,
-                                                       nbytes=op.nbytes, peer=op.peer))
-        self.ops.clear()
-        for w in self.waiters.values():
-            if not w.fut.done():
-                w.fut.set_exception(exc)
-        self.waiters.clear()
-        for fut in self.recv_waiters:
+    def close(self, exc: BaseException) -> None:
+        for fut in self.waiters:
             if not fut.done():
                 fut.set_exception(exc)
-        self.recv_waiters.clear()
+        self.waiters.clear()
+
+
+def _op_error(op: Any, status: int, text: str | None, closing: bool) -> TransferError:
+    """The exception for a failed operation record (called by the futures layer)."""
+    if closing or (status == _core.FI_ECANCELED and text == "engine closed"):
+        return EngineClosedError("engine closed with the operation in flight", op=op.name,
+                                 nbytes=op.nbytes, peer=op.peer, code=status)
+    return TransferError(f"{op.name} failed: {_core.strerror(status)}", op=op.name,
+                         nbytes=op.nbytes, peer=op.peer, provider_text=text, code=status)
 
 
 class TransferEngine:
@@ -342,19 +256,22 @@ class TransferEngine:
 
     Parameters: ``provider`` -- libfabric provider name or alias ("tcp",
     "udp", "shm", "sockets"; default ``$AIOTRANSFER_PROVIDER`` or "tcp").
-    ``nics`` -- None (the provider's first NIC, ``$AIOTRANSFER_NICS`` if set)
-    or a list of NIC (domain) names such as ``["lo"]``.
+    ``nics`` -- None (``$AIOTRANSFER_NICS`` if set, else the provider's first
+    NIC) or a list of NIC (domain) names such as ``["lo"]``.
     ``delivery_complete`` -- complete writes only once the data is placed at
     the target (default True; see docs/semantics.md).
     ``msg_size``/``msg_count`` -- size and number of control-message receive
     buffers.  ``cpu`` -- pin the progress worker to this CPU.
     ``max_chunk`` -- split single writes into pieces of at most this size.
+    ``tx_depth`` -- work requests in flight per NIC (default: the provider's
+    queue size, or ``$AIOTRANSFER_TX_DEPTH``).
+    ``recv_queue_limit`` -- control messages kept while nobody is in recv().
     """
 
     def __init__(self, provider: str | None = None, *, nics: Sequence[str] | int | None = None,
                  delivery_complete: bool = True, msg_size: int = 65536, msg_count: int = 64,
                  cpu: int | None = None, max_chunk: int | None = None,
-                 recv_queue_limit: int = 4096) -> None:
+                 recv_queue_limit: int = 4096, tx_depth: int | None = None) -> None:
         self.provider = resolve_provider(provider)
         self._nic_names = self._check_nics(nics)
         self._delivery_complete = bool(delivery_complete)
@@ -368,15 +285,18 @@ class TransferEngine:
         self._max_chunk = 0 if max_chunk is None else _uint("max_chunk", max_chunk)
         if max_chunk is not None and self._max_chunk == 0:
             raise ValueError("max_chunk must be positive")
-        self._recv_limit = _uint("recv_queue_limit", recv_queue_limit)
+        if tx_depth is None:
+            tx_depth = int(os.environ.get("AIOTRANSFER_TX_DEPTH", "0"))
+        self._tx_depth = _uint("tx_depth", tx_depth, 1 << 16)
+        self._msgs = _Messages(_uint("recv_queue_limit", recv_queue_limit))
         self._core: Any = None
-        self._c: _Completions | None = None
+        self._c: Any = None           # _core.Completions while running
         self._state = "new"
         self._address: EngineAddress | None = None
         self._address_bytes = b""
         self._regions: dict[int, MemoryRegion] = {}
         self._peers: dict[tuple, int] = {}
-        self._desc_cache: dict[bytes, RemoteRegion] = {}
+        self._dests: dict[Any, Any] = {}   # descriptor bytes / RemoteRegion -> _core.Dest
         self._nics: list[NicInfo] = []
 
     @staticmethod
@@ -408,12 +328,13 @@ class TransferEngine:
             core = _core.CoreEngine(
                 self.provider, self._nic_names[0] if self._nic_names else None,
                 delivery_complete=self._delivery_complete, msg_size=self._msg_size,
-                msg_count=self._msg_count, cpu=self._cpu, max_chunk=self._max_chunk)
+                msg_count=self._msg_count, cpu=self._cpu, max_chunk=self._max_chunk,
+                tx_depth=self._tx_depth)
         except _core.CoreError as exc:
             raise TransferError(f"cannot open provider {self.provider!r}", op="start",
                                 provider_text=str(exc), code=exc.code) from None
         self._core = core
-        self._c = _Completions(core, loop, self._recv_limit)
+        self._c = _core.Completions(core, loop, self._msgs.deliver, _op_error)
         names = tuple(core.getname(i) for i in range(core.nic_count()))
         self._address = EngineAddress(self.provider, secrets.randbits(64), names)
         self._address_bytes = self._address.to_bytes()
@@ -432,12 +353,15 @@ class TransferEngine:
             self._state = "closed"
             return
         self._state = "closed"
-        assert self._c is not None
-        self._c.close()
+        exc = EngineClosedError("engine closed")
+        self._c.close(exc)
+        self._msgs.close(exc)
         for mr in list(self._regions.values()):
             self._core.deregister(mr._core)
             mr._core = None
+            mr.obj = None
         self._regions.clear()
+        self._dests.clear()
         self._core.destroy()
         self._core = None
 
@@ -485,8 +409,13 @@ class TransferEngine:
 
     @property
     def dropped_messages(self) -> int:
-        """Control messages dropped because recv() queue was full."""
-        return self._c.dropped_messages if self._c else 0
+        """Control messages dropped because the recv() queue was full."""
+        return self._msgs.dropped
+
+    @property
+    def pending(self) -> int:
+        """Operations whose completion has not arrived yet."""
+        return len(self._c.ops) if self._c is not None else 0
 
     # --------------------------------------------------------------- memory
 
@@ -498,19 +427,19 @@ class TransferEngine:
         except TypeError:
             raise TypeError(f"buf must support the buffer protocol, not "
                             f"{type(buf).__name__}") from None
-        if mv.readonly:
-            raise TypeError(f"buf must be writable ({type(buf).__name__} is read-only)")
-        if not mv.c_contiguous:
-            raise ValueError("buf must be C-contiguous")
-        if mv.nbytes == 0:
-            raise ValueError("buf is empty: a region needs at least 1 byte")
-        mv.release()
+        with mv:
+            if mv.readonly:
+                raise TypeError(f"buf must be writable ({type(buf).__name__} is read-only)")
+            if not mv.c_contiguous:
+                raise ValueError("buf must be C-contiguous")
+            if mv.nbytes == 0:
+                raise ValueError("buf is empty: a region needs at least 1 byte")
+            nbytes = mv.nbytes
         try:
             cmr = core.register(buf, remote_read)
         except _core.CoreError as exc:
-            raise TransferError("memory registration failed", op="register",
-                                nbytes=len(memoryview(buf).cast("B")), provider_text=str(exc),
-                                code=exc.code) from None
+            raise TransferError("memory registration failed", op="register", nbytes=nbytes,
+                                provider_text=str(exc), code=exc.code) from None
         except BufferError as exc:
             raise TypeError(f"buf cannot be exported: {exc}") from None
         remote = RemoteRegion(self._address, cmr.nbytes,
@@ -530,9 +459,9 @@ class TransferEngine:
             return
         if mr._engine is not self:
             raise ValueError("mr belongs to another engine")
-        if mr._inflight:
-            raise BufferError(f"region has {mr._inflight} operations in flight; await them "
-                              "before deregistering")
+        if mr._core.inflight:
+            raise BufferError(f"region has {mr._core.inflight} operations in flight; await "
+                              "them before deregistering")
         if self._core is not None:
             self._core.deregister(mr._core)
         mr._core = None
@@ -541,22 +470,32 @@ class TransferEngine:
 
     # ---------------------------------------------------------- destinations
 
-    def _remote(self, dst: Any, name: str = "dst") -> RemoteRegion:
+    def _dest(self, dst: Any, name: str = "dst") -> Any:
+        """Resolve a destination (descriptor bytes, RemoteRegion, MemoryRegion)
+        to a _core.Dest: peer index, remote base/key and size.  Cached."""
+        try:
+            d = self._dests.get(dst)
+        except TypeError:  # unhashable (bytearray, memoryview)
+            d = None
+        if d is not None:
+            return d
         if isinstance(dst, RemoteRegion):
-            return dst
-        if isinstance(dst, MemoryRegion):
-            return dst.remote
-        if isinstance(dst, (bytes, bytearray, memoryview)):
-            key = bytes(dst)
-            r = self._desc_cache.get(key)
-            if r is None:
-                r = RemoteRegion.from_bytes(key)
-                if len(self._desc_cache) > 65536:
-                    self._desc_cache.clear()
-                self._desc_cache[key] = r
-            return r
-        raise TypeError(f"{name} must be a RemoteRegion or descriptor bytes, "
-                        f"not {type(dst).__name__}")
+            region = dst
+        elif isinstance(dst, MemoryRegion):
+            region = dst.remote
+        elif isinstance(dst, (bytes, bytearray, memoryview)):
+            region = RemoteRegion.from_bytes(bytes(dst))
+        else:
+            raise TypeError(f"{name} must be a RemoteRegion or descriptor bytes, "
+                            f"not {type(dst).__name__}")
+        owner = region.owner
+        d = _core.Dest(self._peer(owner), region.bases[0], region.keys[0], region.nbytes,
+                       region, str(owner))
+        if isinstance(dst, (bytes, RemoteRegion)):
+            if len(self._dests) >= 65536:
+                self._dests.clear()
+            self._dests[dst] = d
+        return d
 
     def _peer(self, owner: EngineAddress) -> int:
         key = (owner.engine_id, owner.names)
@@ -573,26 +512,16 @@ class TransferEngine:
             self._peers[key] = p
         return p
 
-    def _src(self, src_mr: Any) -> MemoryRegion:
+    def _src(self, src_mr: Any) -> Any:
         if not isinstance(src_mr, MemoryRegion):
             raise TypeError(f"src_mr must be a MemoryRegion, not {type(src_mr).__name__}")
         if src_mr._core is None:
             raise ValueError("src_mr is deregistered")
         if src_mr._engine is not self:
             raise ValueError("src_mr is registered with another engine")
-        return src_mr
+        return src_mr._core
 
-    def _track(self, rid: int, src: MemoryRegion | None, name: str, nbytes: int,
-               peer: str | None) -> asyncio.Future:
-        c = self._c
-        assert c is not None
-        fut = c.loop.create_future()
-        c.ops[rid] = _Op(fut, src, name, nbytes, peer)
-        if src is not None:
-            src._inflight += 1
-        return fut
-
-    def _posted(self, exc: _core.CoreError, name: str, nbytes: int, peer: str) -> TransferError:
+    def _posted(self, exc: Any, name: str, nbytes: int, peer: str | None) -> TransferError:
         if exc.code == _core.FI_ESHUTDOWN:
             return EngineClosedError("engine is closed", op=name, nbytes=nbytes, peer=peer)
         return TransferError(f"{name} could not be posted", op=name, nbytes=nbytes, peer=peer,
@@ -606,38 +535,22 @@ class TransferEngine:
         """Write ``length`` bytes (default: the rest of src_mr) from src_mr at
         src_offset into dst at dst_offset; deliver ``imm`` (if given) once,
         after every byte is in place.  Returns an awaitable."""
-        core = self._core_or_closed()
+        self._core_or_closed()
         src = self._src(src_mr)
-        d = self._remote(dst)
-        so = _uint("src_offset", src_offset)
-        do = _uint("dst_offset", dst_offset)
-        n = src.nbytes - so if length is None else _uint("length", length)
-        if so + n > src.nbytes:
-            raise ValueError(f"src_offset {so} + length {n} exceeds src_mr's {src.nbytes} bytes")
-        if do + n > d.nbytes:
-            raise ValueError(f"dst_offset {do} + length {n} exceeds dst's {d.nbytes} bytes")
-        has_imm = imm is not None
-        iv = _imm("imm", imm) if has_imm else 0
-        peer = self._peer(d.owner)
-        rid = self._c.new_id()  # type: ignore[union-attr]
+        d = self._dest(dst)
         try:
-            core.post_write(rid, src._core, so, peer, d.bases[0], d.keys[0], do, n, has_imm, iv)
+            return self._c.write(src, d, length, src_offset, dst_offset, imm)
         except _core.CoreError as exc:
-            raise self._posted(exc, "write", n, str(d.owner)) from None
-        return self._track(rid, src, "write", n, str(d.owner))
+            raise self._posted(exc, "write", 0, d.peer_name) from None
 
     def write_imm(self, dst: Destination, imm: int) -> asyncio.Future:
         """Deliver only an immediate to dst's owner (a zero-byte write)."""
-        core = self._core_or_closed()
-        d = self._remote(dst)
-        iv = _imm("imm", imm)
-        peer = self._peer(d.owner)
-        rid = self._c.new_id()  # type: ignore[union-attr]
+        self._core_or_closed()
+        d = self._dest(dst)
         try:
-            core.post_write(rid, None, 0, peer, d.bases[0], d.keys[0], 0, 0, True, iv)
+            return self._c.write_imm(d, imm)
         except _core.CoreError as exc:
-            raise self._posted(exc, "write_imm", 0, str(d.owner)) from None
-        return self._track(rid, None, "write_imm", 0, str(d.owner))
+            raise self._posted(exc, "write_imm", 0, d.peer_name) from None
 
     def write_paged(self, src_mr: MemoryRegion, src_pages: Any, dst: Destination,
                     dst_pages: Any, *, page_size: int, src_stride: int | None = None,
@@ -649,7 +562,7 @@ class TransferEngine:
         page_size).  One write and, if ``imm`` is given, one immediate per page."""
         core = self._core_or_closed()
         src = self._src(src_mr)
-        d = self._remote(dst)
+        d = self._dest(dst)
         ps = _uint("page_size", page_size)
         if ps == 0:
             raise ValueError("page_size must be positive")
@@ -667,15 +580,14 @@ class TransferEngine:
         _check_pages("dst_pages", dp, do, ds, ps, d.nbytes, "destination")
         has_imm = imm is not None
         iv = _imm("imm", imm) if has_imm else 0
-        peer = self._peer(d.owner)
-        rid = self._c.new_id()  # type: ignore[union-attr]
+        rid = self._c.new_id()
         nbytes = ps * sp.shape[0]
         try:
-            core.post_paged(rid, src._core, so, ss, sp, peer, d.bases[0], d.keys[0], do, ds, dp,
-                            ps, has_imm, iv)
+            core.post_paged(rid, src, so, ss, sp, d.peer, d.base, d.key, do, ds, dp, ps,
+                            has_imm, iv)
         except _core.CoreError as exc:
-            raise self._posted(exc, "write_paged", nbytes, str(d.owner)) from None
-        return self._track(rid, src, "write_paged", nbytes, str(d.owner))
+            raise self._posted(exc, "write_paged", nbytes, d.peer_name) from None
+        return self._c.track(rid, src, "write_paged", nbytes, d.peer_name)
 
     def scatter(self, src_mr: MemoryRegion, targets: Iterable[ScatterTarget], *,
                 imm: int | None = None) -> asyncio.Future:
@@ -688,7 +600,7 @@ class TransferEngine:
         for i, t in enumerate(tl):
             if not isinstance(t, ScatterTarget):
                 raise TypeError(f"targets[{i}] must be a ScatterTarget, not {type(t).__name__}")
-            d = self._remote(t.dst, f"targets[{i}].dst")
+            d = self._dest(t.dst, f"targets[{i}].dst")
             n = _uint(f"targets[{i}].length", t.length)
             so = _uint(f"targets[{i}].src_offset", t.src_offset)
             do = _uint(f"targets[{i}].dst_offset", t.dst_offset)
@@ -698,65 +610,60 @@ class TransferEngine:
             if do + n > d.nbytes:
                 raise ValueError(f"targets[{i}]: dst_offset {do} + length {n} exceeds dst's "
                                  f"{d.nbytes} bytes")
-            rows[i] = (self._peer(d.owner), d.bases[0], d.keys[0], so, do, n)
+            rows[i] = (d.peer, d.base, d.key, so, do, n)
             total += n
         has_imm = imm is not None
         iv = _imm("imm", imm) if has_imm else 0
-        rid = self._c.new_id()  # type: ignore[union-attr]
+        rid = self._c.new_id()
         try:
-            core.post_scatter(rid, src._core, rows, has_imm, iv)
+            core.post_scatter(rid, src, rows, has_imm, iv)
         except _core.CoreError as exc:
-            raise self._posted(exc, "scatter", total, None) from None  # type: ignore[arg-type]
-        return self._track(rid, src, "scatter", total, None)
+            raise self._posted(exc, "scatter", total, None) from None
+        return self._c.track(rid, src, "scatter", total, None)
 
     def barrier(self, dsts: Iterable[Destination], imm: int) -> asyncio.Future:
         """Send one immediate to the owner of each destination region."""
         core = self._core_or_closed()
         iv = _imm("imm", imm)
-        dl = [self._remote(x, f"dsts[{i}]") for i, x in enumerate(dsts)]
+        dl = [self._dest(x, f"dsts[{i}]") for i, x in enumerate(dsts)]
         rows = np.empty((len(dl), 6), dtype=np.uint64)
         for i, d in enumerate(dl):
-            rows[i] = (self._peer(d.owner), d.bases[0], d.keys[0], 0, 0, 0)
-        rid = self._c.new_id()  # type: ignore[union-attr]
+            rows[i] = (d.peer, d.base, d.key, 0, 0, 0)
+        rid = self._c.new_id()
         try:
             core.post_scatter(rid, None, rows, True, iv)
         except _core.CoreError as exc:
-            raise self._posted(exc, "barrier", 0, None) from None  # type: ignore[arg-type]
-        return self._track(rid, None, "barrier", 0, None)
+            raise self._posted(exc, "barrier", 0, None) from None
+        return self._c.track(rid, None, "barrier", 0, None)
 
     # ------------------------------------------------------------ immediates
 
     async def expect_imm(self, imm: int, count: int, *, timeout: float | None = None) -> None:
         """Wait until ``count`` immediates of value ``imm`` have arrived and
         consume them.  Arrivals before the call count; timeout -> TimeoutError."""
-        core = self._core_or_closed()
+        self._core_or_closed()
         iv = _imm("imm", imm)
         n = _uint("count", count)
-        if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0):
+        if timeout is not None and (isinstance(timeout, bool) or
+                                    not isinstance(timeout, (int, float)) or timeout < 0):
             raise ValueError(f"timeout={timeout!r} must be a non-negative number or None")
         if n == 0:
             return
         c = self._c
-        assert c is not None
-        wid = c.new_id()
-        if core.imm_expect(iv, n, wid):
+        got = c.expect(iv, n)
+        if got is None:
             return
-        fut = c.loop.create_future()
-        c.waiters[wid] = _Waiter(fut, iv, n)
+        wid, fut = got
         try:
             if timeout is None:
                 await fut
             else:
                 await asyncio.wait_for(asyncio.shield(fut), timeout)
         except BaseException:
-            w = c.waiters.get(wid)
-            if w is not None:
-                if self._core is not None and core.imm_cancel(iv, wid):
-                    del c.waiters[wid]
-                # if it fired in C already, its record gives the arrivals back
-                fut.cancel()
-            elif fut.done() and not fut.cancelled() and fut.exception() is None:
-                core.imm_credit(iv, n)  # resolved, but the caller never saw it
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._core.imm_credit(iv, n)   # resolved, but the caller never saw it
+            else:
+                c.abandon(wid)
             raise
 
     def imm_counter(self, imm: int) -> ImmCounter:
@@ -782,28 +689,27 @@ class TransferEngine:
             raise ValueError(f"data is {payload.nbytes} bytes; messages are limited to "
                              f"msg_size={self._msg_size}")
         peer = self._peer(owner)
-        rid = self._c.new_id()  # type: ignore[union-attr]
+        rid = self._c.new_id()
         try:
             core.post_send(rid, peer, payload if payload.nbytes else b"")
         except _core.CoreError as exc:
             raise self._posted(exc, "send", payload.nbytes, str(owner)) from None
-        return self._track(rid, None, "send", payload.nbytes, str(owner))
+        return self._c.track(rid, None, "send", payload.nbytes, str(owner))
 
     async def recv(self, *, timeout: float | None = None) -> bytes:
         """Receive the next control message."""
         self._core_or_closed()
-        c = self._c
-        assert c is not None
-        if c.messages:
-            return c.messages.popleft()
-        fut = c.loop.create_future()
-        c.recv_waiters.append(fut)
+        m = self._msgs
+        if m.queue:
+            return m.queue.popleft()
+        fut = asyncio.get_running_loop().create_future()
+        m.waiters.append(fut)
         try:
             if timeout is None:
                 return await fut
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except BaseException:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                c.messages.appendleft(fut.result())  # delivered, but the caller gave up
+                m.queue.appendleft(fut.result())  # delivered, but the caller gave up
             fut.cancel()
             raise

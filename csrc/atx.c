@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -32,10 +33,11 @@
 #include <rdma/fi_rma.h>
 
 #define ATX_CQ_BATCH 32
-#define ATX_SPIN_NS 50000ULL          /* keep polling this long after activity */
+#define ATX_SPIN_NS 200000ULL         /* keep polling this long after activity */
 #define ATX_SLEEP_MIN_NS 20000ULL     /* first sleep of an idle poller */
 #define ATX_SLEEP_MAX_NS 1000000ULL   /* longest sleep of an idle poller (1 ms) */
 #define ATX_BLOCK_MS 100              /* safety timer of a blocked worker */
+#define ATX_APP_QUIET_NS 20000ULL     /* app progressed this recently: let it drive */
 
 /* ------------------------------------------------------------------ ops */
 
@@ -58,9 +60,6 @@ typedef struct atx_ctx {
 } atx_ctx;
 
 typedef struct atx_cmd {
-    pthread_mutex_t lock;
-    pthread_cond_t cond;
-    int done;
     int rc;
     char err[ATX_ERRLEN];
     /* arguments */
@@ -145,6 +144,14 @@ struct atx_engine {
     int stop;                          /* set under sub_lock */
     int stopped;                       /* worker exited */
 
+    /* The progress lock serializes every libfabric call and the op state
+     * below (FI_THREAD_DOMAIN).  The worker holds it while it progresses;
+     * an application thread that finds it free posts its operation inline
+     * (no thread hop) and polls once. */
+    pthread_mutex_t prog_lock;
+    uint64_t app_ts;                   /* last inline progress by the app */
+    int dead;                          /* endpoints closed: no more posting */
+
     /* submission queue */
     pthread_mutex_t sub_lock;
     atx_op *sub_head, *sub_tail;
@@ -166,6 +173,7 @@ struct atx_engine {
     int notified;
     int notify_fd;
 
+    uint64_t spin_ns;
     /* immediate counters */
     pthread_mutex_t imm_lock;
     atx_counter *ctab;
@@ -404,8 +412,23 @@ static void wake_worker(atx_engine *e) {
     (void)w;
 }
 
+static void accept_op(atx_engine *e, atx_op *op);
+static size_t progress_once(atx_engine *e, int rounds);
+
 static int submit(atx_engine *e, atx_op *op) {
     int wake;
+    if (pthread_mutex_trylock(&e->prog_lock) == 0) {
+        /* nobody is progressing: post inline from the caller's thread */
+        if (e->dead) {
+            pthread_mutex_unlock(&e->prog_lock);
+            return -FI_ESHUTDOWN;
+        }
+        accept_op(e, op);
+        progress_once(e, 1);
+        e->app_ts = now_ns();
+        pthread_mutex_unlock(&e->prog_lock);
+        return 0;
+    }
     pthread_mutex_lock(&e->sub_lock);
     if (e->stop) {
         pthread_mutex_unlock(&e->sub_lock);
@@ -531,38 +554,30 @@ int atx_post_send(atx_engine *e, uint64_t id, uint64_t peer, const void *data, s
 
 static void do_mr_dereg(atx_engine *e, atx_cmd *cmd);
 
-/* Run a command on the worker and wait for it (called without the GIL). */
+static void do_mr_reg(atx_engine *e, atx_cmd *cmd);
+static void do_peer_insert(atx_engine *e, atx_cmd *cmd);
+
+/* Run a command under the progress lock (called without the GIL). */
 static int run_cmd(atx_engine *e, int type, atx_cmd *cmd) {
-    atx_op *op = op_new(type, 0);
-    int rc;
-    if (!op) return -FI_ENOMEM;
-    pthread_mutex_init(&cmd->lock, NULL);
-    pthread_cond_init(&cmd->cond, NULL);
-    cmd->done = 0;
     cmd->rc = 0;
     cmd->err[0] = 0;
-    op->cmd = cmd;
-    rc = submit(e, op);
-    if (rc) {
-        op_free(op);
-    } else {
-        pthread_mutex_lock(&cmd->lock);
-        while (!cmd->done) pthread_cond_wait(&cmd->cond, &cmd->lock);
-        pthread_mutex_unlock(&cmd->lock);
-        rc = cmd->rc;
+    pthread_mutex_lock(&e->prog_lock);
+    if (e->dead && type != CMD_MR_DEREG) {
+        pthread_mutex_unlock(&e->prog_lock);
+        snprintf(cmd->err, sizeof(cmd->err), "engine is stopped");
+        return -FI_ESHUTDOWN;
     }
-    pthread_mutex_destroy(&cmd->lock);
-    pthread_cond_destroy(&cmd->cond);
-    return rc;
+    switch (type) {
+    case CMD_MR_REG: do_mr_reg(e, cmd); break;
+    case CMD_MR_DEREG: do_mr_dereg(e, cmd); break;
+    case CMD_PEER_INSERT: do_peer_insert(e, cmd); break;
+    default: cmd->rc = -FI_EINVAL; break;
+    }
+    pthread_mutex_unlock(&e->prog_lock);
+    return cmd->rc;
 }
 
-static void cmd_finish(atx_cmd *cmd, int rc) {
-    pthread_mutex_lock(&cmd->lock);
-    cmd->rc = rc;
-    cmd->done = 1;
-    pthread_cond_signal(&cmd->cond);
-    pthread_mutex_unlock(&cmd->lock);
-}
+static void cmd_finish(atx_cmd *cmd, int rc) { cmd->rc = rc; }
 
 int atx_mr_reg(atx_engine *e, void *addr, size_t len, int remote_read, atx_mr *out, char *err,
                size_t errlen) {
@@ -583,15 +598,6 @@ int atx_mr_dereg(atx_engine *e, atx_mr *mr) {
     atx_cmd cmd;
     memset(&cmd, 0, sizeof(cmd));
     cmd.mr = mr;
-    if (e->stopped) {
-        /* the worker is gone: nothing else touches libfabric any more */
-        pthread_mutex_init(&cmd.lock, NULL);
-        pthread_cond_init(&cmd.cond, NULL);
-        do_mr_dereg(e, &cmd);
-        pthread_mutex_destroy(&cmd.lock);
-        pthread_cond_destroy(&cmd.cond);
-        return cmd.rc;
-    }
     return run_cmd(e, CMD_MR_DEREG, &cmd);
 }
 
@@ -810,12 +816,13 @@ static void op_wr(atx_engine *e, atx_op *op, uint64_t i, void **lbuf, size_t *le
     (void)e;
 }
 
-/* Post one work request of op on NIC 0.  Returns 0, -FI_EAGAIN or an error. */
+/* Post one work request of op.  Returns 0, 1 (no free context: the queue
+ * depth is reached), -FI_EAGAIN (provider back-pressure) or an error. */
 static int post_one(atx_engine *e, atx_op *op) {
     atx_nic *n = &e->nics[op->nic];
     atx_ctx *c = ctx_get(n);
     int rc;
-    if (!c) return -FI_EAGAIN;
+    if (!c) return 1; /* queue depth reached: wait for completions */
     c->op = op;
     if (op->type == OP_SEND) {
         void *desc = NULL;
@@ -909,6 +916,7 @@ static size_t post_pending(atx_engine *e) {
                 posted++;
                 continue;
             }
+            if (rc == 1) break;
             if (rc == -FI_EAGAIN) {
                 e->nics[op->nic].stats.eagain++;
                 break;
@@ -932,26 +940,26 @@ static size_t post_pending(atx_engine *e) {
 
 static void take_submissions(atx_engine *e) {
     atx_op *list, *op;
+    /* unlocked peek: a submission missed here is seen on the next round */
+    if (!__atomic_load_n(&e->sub_head, __ATOMIC_ACQUIRE)) return;
     pthread_mutex_lock(&e->sub_lock);
     list = e->sub_head;
     e->sub_head = e->sub_tail = NULL;
     pthread_mutex_unlock(&e->sub_lock);
     while ((op = list)) {
         list = op->next;
-        switch (op->type) {
-        case CMD_MR_REG: do_mr_reg(e, op->cmd); op_free(op); continue;
-        case CMD_MR_DEREG: do_mr_dereg(e, op->cmd); op_free(op); continue;
-        case CMD_PEER_INSERT: do_peer_insert(e, op->cmd); op_free(op); continue;
-        default: break;
-        }
-        e->nics[op->nic].stats.ops_posted++;
-        live_add(e, op);
-        if (op->nwr == 0) {
-            op_complete(e, op);
-            continue;
-        }
-        postq_add(e, op);
+        accept_op(e, op);
     }
+}
+
+static void accept_op(atx_engine *e, atx_op *op) {
+    e->nics[op->nic].stats.ops_posted++;
+    live_add(e, op);
+    if (op->nwr == 0) {
+        op_complete(e, op);
+        return;
+    }
+    postq_add(e, op);
 }
 
 static int post_rx(atx_engine *e, atx_nic *n, atx_ctx *c) {
@@ -1008,10 +1016,10 @@ static void handle_rx(atx_engine *e, atx_nic *n, struct fi_cq_data_entry *ce) {
 }
 
 /* Read completions of NIC n; returns the number handled. */
-static size_t poll_cq(atx_engine *e, atx_nic *n) {
+static size_t poll_cq(atx_engine *e, atx_nic *n, int rounds) {
     struct fi_cq_data_entry ents[ATX_CQ_BATCH];
     size_t total = 0;
-    for (int round = 0; round < 64; round++) {
+    for (int round = 0; round < rounds; round++) {
         ssize_t got = fi_cq_read(n->cq, ents, ATX_CQ_BATCH);
         n->stats.polls++;
         if (got == -FI_EAGAIN) break;
@@ -1054,6 +1062,31 @@ static size_t poll_cq(atx_engine *e, atx_nic *n) {
     return total;
 }
 
+/* One round of progress: take queued submissions, post, poll every CQ,
+ * publish the records.  Called with prog_lock held. */
+static size_t progress_once(atx_engine *e, int rounds) {
+    size_t work = 0;
+    take_submissions(e);
+    work += post_pending(e);
+    for (int i = 0; i < e->nnics; i++) work += poll_cq(e, &e->nics[i], rounds);
+    work += post_pending(e);
+    batch_flush(e);
+    return work;
+}
+
+size_t atx_progress(atx_engine *e) {
+    size_t work = 0;
+    if (pthread_mutex_trylock(&e->prog_lock) != 0) return 0;
+    if (!e->dead) {
+        work = progress_once(e, 4);
+        e->app_ts = now_ns();
+    }
+    pthread_mutex_unlock(&e->prog_lock);
+    return work;
+}
+
+/* Sleep until a submission arrives, a CQ fd fires (if use_cq_fds) or the
+ * timeout passes.  Called without prog_lock. */
 static void worker_sleep(atx_engine *e, uint64_t timeout_ns, int use_cq_fds) {
     struct pollfd pfd[ATX_MAX_NICS + 1];
     int nfd = 0;
@@ -1071,9 +1104,13 @@ static void worker_sleep(atx_engine *e, uint64_t timeout_ns, int use_cq_fds) {
     nfd++;
     if (use_cq_fds) {
         struct fid *fids[ATX_MAX_NICS];
+        int rc;
         for (int i = 0; i < e->nnics; i++) fids[i] = &e->nics[i].cq->fid;
         /* arm, then check again: never block on a CQ with entries */
-        if (fi_trywait(e->nics[0].fabric, fids, e->nnics) != FI_SUCCESS) goto out;
+        pthread_mutex_lock(&e->prog_lock);
+        rc = fi_trywait(e->nics[0].fabric, fids, e->nnics);
+        pthread_mutex_unlock(&e->prog_lock);
+        if (rc != FI_SUCCESS) goto out;
         for (int i = 0; i < e->nnics; i++) {
             pfd[nfd].fd = e->nics[i].cq_fd;
             pfd[nfd].events = POLLIN;
@@ -1083,7 +1120,7 @@ static void worker_sleep(atx_engine *e, uint64_t timeout_ns, int use_cq_fds) {
     ts.tv_sec = (time_t)(timeout_ns / 1000000000ULL);
     ts.tv_nsec = (long)(timeout_ns % 1000000000ULL);
     ppoll(pfd, (nfds_t)nfd, &ts, NULL);
-    for (int i = 0; i < e->nnics; i++) e->nics[i].stats.wakeups++;
+    e->nics[0].stats.wakeups++;
 out:
     {
         uint64_t v;
@@ -1095,9 +1132,12 @@ out:
     pthread_mutex_unlock(&e->sub_lock);
 }
 
+/* Close the endpoints (after this no NIC touches any buffer), then fail
+ * every operation that has not completed. */
 static void shutdown_worker(atx_engine *e) {
     atx_op *op, *list;
-    /* Close the endpoints first: after this no NIC touches any buffer. */
+    pthread_mutex_lock(&e->prog_lock);
+    e->dead = 1;
     for (int i = 0; i < e->nnics; i++) {
         if (e->nics[i].ep) {
             fi_close(&e->nics[i].ep->fid);
@@ -1117,19 +1157,23 @@ static void shutdown_worker(atx_engine *e) {
     pthread_mutex_unlock(&e->sub_lock);
     while ((op = list)) {
         list = op->next;
-        if (op->cmd) {
-            if (op->type == CMD_MR_DEREG) do_mr_dereg(e, op->cmd);
-            else cmd_finish(op->cmd, -FI_ECANCELED);
-            op_free(op);
-            continue;
-        }
         live_add(e, op);
         op_fail(op, -FI_ECANCELED, 0, "engine closed");
         op_complete(e, op);
     }
     batch_flush(e);
+    pthread_mutex_unlock(&e->prog_lock);
 }
 
+/* The progress worker.  Policy (2-core machines in mind):
+ *  - work found: go round again at once;
+ *  - the application thread progressed inline within ATX_APP_QUIET_NS: it
+ *    drives the NIC, so sleep briefly instead of competing for the core;
+ *  - within spin_ns of the last activity: spin (completions and incoming
+ *    data come in bursts);
+ *  - then block on the CQ wait fds where the provider has them, or poll
+ *    with a sleep that backs off from 20 us to 1 ms (an idle engine costs
+ *    well under 1% of a core). */
 static void *worker_main(void *arg) {
     atx_engine *e = arg;
     uint64_t last_activity = now_ns();
@@ -1138,6 +1182,8 @@ static void *worker_main(void *arg) {
     for (int i = 0; i < e->nnics; i++)
         if (e->nics[i].cq_fd < 0) any_fd = 0;
 
+    /* short sleeps must be short: the default timer slack is 50 us */
+    prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
     if (e->cfg.cpu >= 0) {
         cpu_set_t set;
         CPU_ZERO(&set);
@@ -1146,42 +1192,43 @@ static void *worker_main(void *arg) {
     }
 
     for (;;) {
-        size_t work = 0;
-        int stop;
-        pthread_mutex_lock(&e->sub_lock);
-        stop = e->stop;
-        pthread_mutex_unlock(&e->sub_lock);
-        if (stop) break;
+        size_t work;
+        uint64_t t, app_ts;
+        int busy;
+        if (__atomic_load_n(&e->stop, __ATOMIC_ACQUIRE)) break;
+        if (pthread_mutex_trylock(&e->prog_lock) != 0) {
+            /* the application is progressing inline right now */
+            worker_sleep(e, ATX_SLEEP_MIN_NS, 0);
+            continue;
+        }
+        work = progress_once(e, 64);
+        app_ts = e->app_ts;
+        busy = e->post_head != NULL;
+        for (int i = 0; i < e->nnics; i++) busy |= e->nics[i].tx_used > 0;
+        pthread_mutex_unlock(&e->prog_lock);
 
-        take_submissions(e);
-        work += post_pending(e);
-        for (int i = 0; i < e->nnics; i++) work += poll_cq(e, &e->nics[i]);
-        work += post_pending(e);
-        batch_flush(e);
-
+        t = now_ns();
         if (work) {
-            last_activity = now_ns();
+            last_activity = t;
             sleep_ns = ATX_SLEEP_MIN_NS;
             continue;
         }
-        {
-            uint64_t t = now_ns();
-            int busy = e->post_head != NULL;
-            for (int i = 0; i < e->nnics; i++) busy |= e->nics[i].tx_used > 0;
-            if (t - last_activity < ATX_SPIN_NS) {
-                sched_yield();
-                continue;
-            }
-            if (any_fd) {
-                /* the CQ fds wake us for completions and incoming data */
-                worker_sleep(e, (uint64_t)ATX_BLOCK_MS * 1000000ULL, 1);
-            } else {
-                /* must poll: back off from 20 us to 1 ms (busy: 100 us) */
-                uint64_t cap = busy ? ATX_SLEEP_MAX_NS / 10 : ATX_SLEEP_MAX_NS;
-                worker_sleep(e, sleep_ns, 0);
-                sleep_ns *= 2;
-                if (sleep_ns > cap) sleep_ns = cap;
-            }
+        if (t - app_ts < ATX_APP_QUIET_NS) {
+            worker_sleep(e, ATX_SLEEP_MIN_NS, 0);
+            continue;
+        }
+        if (t - last_activity < e->spin_ns) {
+            __builtin_ia32_pause();
+            continue;
+        }
+        if (any_fd) {
+            /* the CQ fds wake us for completions and incoming data */
+            worker_sleep(e, (uint64_t)ATX_BLOCK_MS * 1000000ULL, 1);
+        } else {
+            uint64_t cap = busy ? ATX_SLEEP_MAX_NS / 10 : ATX_SLEEP_MAX_NS;
+            worker_sleep(e, sleep_ns, 0);
+            sleep_ns *= 2;
+            if (sleep_ns > cap) sleep_ns = cap;
         }
     }
     shutdown_worker(e);
@@ -1257,6 +1304,7 @@ static int open_nic(atx_engine *e, atx_nic *n, struct fi_info *info, char *err, 
 
     /* transmit contexts: bound the WRs in flight by the queue depth */
     n->tx_depth = info->tx_attr->size ? info->tx_attr->size : 256;
+    if (e->cfg.tx_depth && e->cfg.tx_depth < n->tx_depth) n->tx_depth = e->cfg.tx_depth;
     if (n->tx_depth > 4096) n->tx_depth = 4096;
     n->tx_ctx = calloc(n->tx_depth, sizeof(atx_ctx));
     if (!n->tx_ctx) return -FI_ENOMEM;
@@ -1367,9 +1415,11 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     if (e->cfg.msg_size == 0) e->cfg.msg_size = 65536;
     if (e->cfg.msg_count <= 0) e->cfg.msg_count = 64;
     e->next_key = 1;
+    e->spin_ns = getenv("AIOTRANSFER_SPIN_US") ? strtoull(getenv("AIOTRANSFER_SPIN_US"), NULL, 10) * 1000ULL : ATX_SPIN_NS;
     e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     pthread_mutex_init(&e->sub_lock, NULL);
+    pthread_mutex_init(&e->prog_lock, NULL);
     pthread_mutex_init(&e->rec_lock, NULL);
     pthread_mutex_init(&e->imm_lock, NULL);
 
@@ -1412,7 +1462,7 @@ void atx_engine_stop(atx_engine *e) {
         pthread_mutex_unlock(&e->sub_lock);
         return;
     }
-    e->stop = 1;
+    __atomic_store_n(&e->stop, 1, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&e->sub_lock);
     wake_worker(e);
     if (e->thread_started) {
@@ -1444,6 +1494,7 @@ void atx_engine_destroy(atx_engine *e) {
     if (e->wake_fd >= 0) close(e->wake_fd);
     if (e->notify_fd >= 0) close(e->notify_fd);
     pthread_mutex_destroy(&e->sub_lock);
+    pthread_mutex_destroy(&e->prog_lock);
     pthread_mutex_destroy(&e->rec_lock);
     pthread_mutex_destroy(&e->imm_lock);
     free(e);

@@ -48,6 +48,7 @@ typedef struct atx_config {
     int msg_count;            /* posted receive buffers */
     int cpu;                  /* pin the worker to this CPU, -1: no pinning */
     size_t max_chunk;         /* split single writes into chunks of at most this */
+    size_t tx_depth;          /* work requests in flight per NIC, 0: provider's queue size */
 } atx_config;
 
 typedef struct atx_nic_info {
@@ -147,6 +148,8 @@ void atx_imm_credit(atx_engine *e, uint32_t imm, uint64_t n);
 void atx_imm_value(atx_engine *e, uint32_t imm, uint64_t *available, uint64_t *total);
 
 /* --- completions --- */
+/* Progress from the calling thread if nobody else is (non-blocking). */
+size_t atx_progress(atx_engine *e);
 /* Move up to max records into out; returns the count.  Clears the eventfd. */
 size_t atx_drain(atx_engine *e, atx_record *out, size_t max);
 

@@ -27,6 +27,21 @@
  *                 moment the target starts progressing again (tells whether
  *                 the completion level requested really waits for the target)
  *
+ * Metrics (n = measured writes, 1 GB/s = 1e9 B/s):
+ *   gbps_recv/mops_recv  (n-1) writes over first..last measured arrival in the
+ *                        target's CQ (can over-report: with tcp the target CQ
+ *                        may lag data placement and then drain in a burst)
+ *   gbps_send/mops_send  n writes, client's first post .. last completion
+ *   gbps_e2e/mops        n writes, client's first post .. target's last
+ *                        arrival (same host, shared CLOCK_MONOTONIC)
+ *   cpu_us_per_op_*      getrusage user+sys per op: client over its measured
+ *                        phase, server over the e2e interval (1 ms samples)
+ *   lat_us_*             RTT/2 of the measured round trips
+ *
+ * Defaults: FI_THREAD_DOMAIN (-t: FI_THREAD_SAFE), data progress
+ * FI_PROGRESS_MANUAL requested (-g auto|unspec to change; the sockets
+ * provider's default auto progress stalls on long streams).
+ *
  * Exit codes: 0 ok, 1 verification failed, 2 usage, 3 timeout,
  *             4 libfabric error, 5 out-of-band (socket) error / peer error.
  *
@@ -72,6 +87,8 @@ static const char *mode_names[] = {"bw", "rate", "lat", "paged", "dcprobe"};
 #define CFG_DELIVERY 0x1u
 #define CFG_INJECT 0x2u
 #define CFG_THREAD_SAFE 0x4u
+#define CFG_PROG_AUTO 0x8u   /* request FI_PROGRESS_AUTO data progress */
+#define CFG_PROG_UNSPEC 0x10u /* leave data progress to the provider */
 
 #define IMM_PONG_BIT 0x80000000u
 #define DCPROBE_SLEEP_MS 300
@@ -263,7 +280,8 @@ struct done {
 	uint64_t sent_imm_sum;
 	uint64_t recv;
 	uint64_t recv_imm_sum;
-	double t_complete; /* dcprobe: monotonic time of the write completion */
+	double t_complete;   /* dcprobe: monotonic time of the write completion */
+	double t_first_post; /* monotonic time of the first measured post */
 };
 
 struct result {
@@ -277,6 +295,7 @@ struct result {
 	double recv_span_s;
 	double gbps_recv;
 	double mops_recv;
+	double e2e_span_s; /* client's first measured post -> last measured arrival */
 	double cpu_us_per_op;
 	double t_progress_start; /* dcprobe: when the server started polling */
 	double t_first_arrival;
@@ -380,12 +399,17 @@ struct fab {
 	uint64_t tx_posted, tx_done, tx_imm_sum;
 	uint64_t rx_count, rx_imm_sum, rx_without_data, unexpected;
 	uint64_t first_rx_flags, first_tx_flags;
+	uint64_t rx_batches, rx_max_batch;
+	double (*samples)[2]; /* server: (wall, cpu) samples, ~1 per ms */
+	size_t n_samples, cap_samples;
+	double *trace; /* verbose: time of each measured arrival (server) / completion (client) */
+	uint64_t n_trace;
 	double t_last_arrival;
 
 	/* arrival measurement window: imm in [meas_lo, meas_hi) */
 	uint32_t meas_lo, meas_hi;
 	uint64_t meas_rx, meas_target;
-	double t_first, t_last, cpu_first, cpu_last;
+	double t_first, t_last, cpu_last;
 };
 
 static void alarm_report(void)
@@ -468,6 +492,7 @@ static ssize_t progress(struct fab *f)
 	if (n < 0)
 		fi_die((int)n, "fi_cq_read");
 	double t = 0;
+	uint64_t rx0 = f->rx_count;
 	for (ssize_t i = 0; i < n; i++) {
 		void *ctx = e[i].op_context;
 		uint64_t fl = e[i].flags;
@@ -491,10 +516,10 @@ static ssize_t progress(struct fab *f)
 			f->rx_imm_sum += imm;
 			f->t_last_arrival = t;
 			if (imm >= f->meas_lo && imm < f->meas_hi) {
-				if (!f->meas_rx) {
+				if (!f->meas_rx)
 					f->t_first = t;
-					f->cpu_first = cpu_us();
-				}
+				if (f->trace && f->n_trace < f->meas_target)
+					f->trace[f->n_trace++] = t;
 				f->meas_rx++;
 				f->t_last = t;
 				if (f->meas_rx == f->meas_target)
@@ -512,6 +537,11 @@ static ssize_t progress(struct fab *f)
 	}
 	if (f->n_rx_pending)
 		flush_rx_pending(f);
+	if (f->rx_count != rx0) {
+		f->rx_batches++;
+		if (f->rx_count - rx0 > f->rx_max_batch)
+			f->rx_max_batch = f->rx_count - rx0;
+	}
 	return n;
 }
 
@@ -638,6 +668,10 @@ static struct fi_info *get_info(const struct cfg *c, char *err, size_t errlen)
 	hints->domain_attr->threading =
 	    (c->flags & CFG_THREAD_SAFE) ? FI_THREAD_SAFE : FI_THREAD_DOMAIN;
 	hints->domain_attr->cq_data_size = 4;
+	if (c->flags & CFG_PROG_AUTO)
+		hints->domain_attr->data_progress = FI_PROGRESS_AUTO;
+	else if (!(c->flags & CFG_PROG_UNSPEC))
+		hints->domain_attr->data_progress = FI_PROGRESS_MANUAL;
 	hints->fabric_attr->prov_name = strdup(c->prov);
 	if (c->domain[0])
 		hints->domain_attr->name = strdup(c->domain);
@@ -799,6 +833,8 @@ static void fab_teardown(struct fab *f)
 	free(f->free_slots);
 	free(f->rx_ctx);
 	free(f->rx_pending);
+	free(f->samples);
+	free(f->trace);
 	g_fab = NULL;
 	memset(f, 0, sizeof(*f));
 }
@@ -851,6 +887,19 @@ static void oob_recv_progress(int fd, uint32_t type, void *p, uint32_t len, stru
 	oob_recv_body(fd, type, p, len);
 }
 
+static void print_trace(const char *what, const double *tr, uint64_t n)
+{
+	if (!verbose || !n)
+		return;
+	fprintf(stderr, "fi_rawbench[%s]: %s timeline (monotonic s):", role, what);
+	static const double q[] = {0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1};
+	for (size_t i = 0; i < sizeof(q) / sizeof(q[0]); i++) {
+		uint64_t k = (uint64_t)(q[i] * (double)(n - 1));
+		fprintf(stderr, " %g%%=%.6f", q[i] * 100, tr[k]);
+	}
+	fputc('\n', stderr);
+}
+
 /* ------------------------------------------------------------------ */
 /* server                                                              */
 
@@ -861,6 +910,38 @@ static uint64_t default_warmup(const struct cfg *c)
 	if (c->mode == MODE_DCPROBE)
 		return 1;
 	return w < floor ? floor : w;
+}
+
+static void cpu_sample(struct fab *f, double t)
+{
+	if (f->n_samples == f->cap_samples) {
+		size_t cap = f->cap_samples ? 2 * f->cap_samples : 4096;
+		void *p = realloc(f->samples, cap * sizeof(*f->samples));
+		if (!p)
+			return;
+		f->samples = p;
+		f->cap_samples = cap;
+	}
+	f->samples[f->n_samples][0] = t;
+	f->samples[f->n_samples][1] = cpu_us();
+	f->n_samples++;
+}
+
+/* this process's CPU time (us) at wall time t, interpolated from the samples */
+static double cpu_at(const struct fab *f, double t)
+{
+	size_t n = f->n_samples;
+	if (!n)
+		return 0;
+	if (t <= f->samples[0][0])
+		return f->samples[0][1];
+	for (size_t i = 1; i < n; i++)
+		if (f->samples[i][0] >= t) {
+			double t0 = f->samples[i - 1][0], t1 = f->samples[i][0];
+			double c0 = f->samples[i - 1][1], c1 = f->samples[i][1];
+			return t1 > t0 ? c0 + (c1 - c0) * (t - t0) / (t1 - t0) : c1;
+		}
+	return f->samples[n - 1][1];
 }
 
 static int run_server(int port)
@@ -916,9 +997,12 @@ static int run_server(int port)
 	f->meas_lo = (uint32_t)c.warmup;
 	f->meas_hi = (uint32_t)(c.warmup + c.iters);
 	f->meas_target = c.iters;
+	if (verbose)
+		f->trace = calloc(c.iters + 1, sizeof(double));
 
 	oob_send(fd, MSG_READY, NULL, 0);
 	double t_progress_start = now_s();
+	cpu_sample(f, t_progress_start);
 	if (c.mode == MODE_DCPROBE) {
 		/* take the warm-up write (connection setup), then deliberately stop
 		 * progressing: a completion the client sees while we sleep did not
@@ -947,9 +1031,12 @@ static int run_server(int port)
 				pongs++;
 			}
 		}
-		/* cheap, rate-limited check whether the client gave up / is done */
-		if ((++spins & 1023) == 0) {
+		/* cheap, rate-limited: CPU-time samples (1/ms) and a check whether
+		 * the client gave up / is done (every 20 ms) */
+		if ((++spins & 255) == 0) {
 			double t = now_s();
+			if (t - f->samples[f->n_samples - 1][0] >= 0.001)
+				cpu_sample(f, t);
 			if (t - t_check > 0.02) {
 				t_check = t;
 				if (oob_readable(fd)) {
@@ -987,7 +1074,14 @@ static int run_server(int port)
 		/* n arrivals bound n-1 complete writes in [first, last] */
 		res.gbps_recv = (double)(f->meas_rx - 1) * (double)c.size / span / 1e9;
 		res.mops_recv = (double)(f->meas_rx - 1) / span / 1e6;
-		res.cpu_us_per_op = (f->cpu_last - f->cpu_first) / (double)(f->meas_rx - 1);
+	}
+	if (f->meas_rx != f->meas_target)
+		f->cpu_last = cpu_us();
+	if (f->meas_rx && d.t_first_post > 0 && f->t_last > d.t_first_post) {
+		/* same host, same CLOCK_MONOTONIC: the client's first measured post
+		 * to our last measured arrival; server CPU over that same interval */
+		res.e2e_span_s = f->t_last - d.t_first_post;
+		res.cpu_us_per_op = (f->cpu_last - cpu_at(f, d.t_first_post)) / (double)f->meas_rx;
 	}
 
 	/* verification */
@@ -1044,6 +1138,12 @@ static int run_server(int port)
 		free(ref);
 	}
 	res.ok = ok;
+	vlog("arrivals: first measured %.6f last %.6f (monotonic s), measured %" PRIu64 ", cq reads "
+	     "with arrivals %" PRIu64 ", max arrivals per read %" PRIu64,
+	     f->t_first, f->t_last, f->meas_rx, f->rx_batches, f->rx_max_batch);
+	print_trace("arrival", f->trace, f->n_trace);
+	free(f->trace);
+	f->trace = NULL;
 	oob_send(fd, MSG_RESULT, &res, sizeof(res));
 	oob_recv_progress(fd, MSG_BYE, NULL, 0, f);
 	fab_teardown(f);
@@ -1084,8 +1184,14 @@ static void stream(struct fab *f, const struct cfg *c, struct pager *pg, uint64_
 				fi_die((int)r, "fi_writemsg");
 			posted++;
 		}
-		if (progress(f) > 0 && t_last_completion)
-			*t_last_completion = now_s();
+		uint64_t d0 = f->tx_done;
+		if (progress(f) > 0 && t_last_completion) {
+			double t = now_s();
+			*t_last_completion = t;
+			if (f->trace)
+				for (; d0 < f->tx_done && f->n_trace < count; d0++)
+					f->trace[f->n_trace++] = t;
+		}
 	}
 }
 
@@ -1171,6 +1277,8 @@ static int run_client(struct cfg *c, int port)
 				cpu0 = cpu_us();
 			uint64_t want_rx = f->rx_count + 1, want_tx = f->tx_done + 1;
 			double ts = now_s();
+			if (i == c->warmup)
+				t0 = ts;
 			post_write_retry(f, 0, 0, c->size, (uint32_t)i);
 			while (f->rx_count < want_rx)
 				progress(f);
@@ -1186,9 +1294,10 @@ static int run_client(struct cfg *c, int port)
 		double tw = now_s() + 0.05; /* let the server see it and fall asleep */
 		while (now_s() < tw)
 			progress(f);
+		uint64_t want_tx = f->tx_done + 1;
 		t0 = now_s();
 		post_write_retry(f, 0, 0, c->size, (uint32_t)c->warmup);
-		while (f->tx_done < 1)
+		while (f->tx_done < want_tx)
 			progress(f);
 		t_complete = now_s();
 		t1 = t_complete;
@@ -1198,8 +1307,14 @@ static int run_client(struct cfg *c, int port)
 		cpu0 = cpu_us();
 		t0 = now_s();
 		t1 = t0;
+		if (verbose)
+			f->trace = calloc(c->iters + 1, sizeof(double));
 		stream(f, c, pgp, c->warmup, c->iters, &t1);
 		cpu1 = cpu_us();
+		print_trace("completion", f->trace, f->n_trace);
+		free(f->trace);
+		f->trace = NULL;
+		vlog("measured phase: first post %.6f last completion %.6f (monotonic s)", t0, t1);
 	}
 
 	struct done d;
@@ -1209,6 +1324,7 @@ static int run_client(struct cfg *c, int port)
 	d.recv = f->rx_count;
 	d.recv_imm_sum = f->rx_imm_sum;
 	d.t_complete = t_complete;
+	d.t_first_post = t0;
 	oob_send(fd, MSG_DONE, &d, sizeof(d));
 	struct result res;
 	oob_recv_progress(fd, MSG_RESULT, &res, sizeof(res), f);
@@ -1260,7 +1376,11 @@ static int run_client(struct cfg *c, int port)
 	json_num("gbps_recv", res.gbps_recv, is_stream && res.meas_recv >= 2);
 	json_num("gbps_send", span > 0 ? (double)c->iters * (double)c->size / span / 1e9 : 0,
 		 is_stream && span > 0);
-	json_num("mops", res.mops_recv, is_stream && res.meas_recv >= 2);
+	json_num("gbps_e2e", res.e2e_span_s > 0 ? (double)c->iters * (double)c->size / res.e2e_span_s / 1e9 : 0,
+		 is_stream && res.e2e_span_s > 0);
+	json_num("mops", res.e2e_span_s > 0 ? (double)c->iters / res.e2e_span_s / 1e6 : 0,
+		 is_stream && res.e2e_span_s > 0);
+	json_num("mops_recv", res.mops_recv, is_stream && res.meas_recv >= 2);
 	json_num("mops_send", span > 0 ? (double)c->iters / span / 1e6 : 0, is_stream && span > 0);
 	if (c->mode == MODE_LAT && c->iters) {
 		qsort(rtt, c->iters, sizeof(double), cmp_double);
@@ -1281,7 +1401,7 @@ static int run_client(struct cfg *c, int port)
 	}
 	int have_cpu = c->iters && c->mode != MODE_DCPROBE;
 	json_num("cpu_us_per_op_client", have_cpu ? (cpu1 - cpu0) / (double)c->iters : 0, have_cpu);
-	json_num("cpu_us_per_op_server", res.cpu_us_per_op, have_cpu && res.meas_recv >= 2);
+	json_num("cpu_us_per_op_server", res.cpu_us_per_op, have_cpu && res.e2e_span_s > 0);
 	json_num("elapsed_s", span, is_stream);
 	if (c->mode == MODE_DCPROBE) {
 		/* >0: our completion came after the target resumed progress */
@@ -1297,6 +1417,13 @@ static int run_client(struct cfg *c, int port)
 	       f->first_tx_flags, res.first_rx_flags);
 	json_str("mr_mode", mr_mode_str(f->mr_mode, mm, sizeof(mm)));
 	printf(", \"rx_cq_data\": %s", f->rx_cq_data ? "true" : "false");
+	json_str("data_progress", f->info->domain_attr->data_progress == FI_PROGRESS_AUTO
+				      ? "auto"
+				      : f->info->domain_attr->data_progress == FI_PROGRESS_MANUAL ? "manual"
+												   : "unspec");
+	json_str("threading", f->info->domain_attr->threading == FI_THREAD_DOMAIN ? "domain"
+			      : f->info->domain_attr->threading == FI_THREAD_SAFE ? "safe"
+										: "other");
 	printf(", \"verified\": %s", ok ? "true" : "false");
 	if (!ok)
 		json_str("error", res.err[0] ? res.err : cerr);
@@ -1325,13 +1452,14 @@ static void usage(void)
 		"usage: fi_rawbench -r server [-P port] [-T sec] [-v]\n"
 		"       fi_rawbench -r client -P port [-p prov] [-d domain] [-m mode] [-s size]\n"
 		"                   [-w window] [-n iters] [-W warmup] [-N pages] [-D] [-i] [-t]\n"
-		"                   [-T sec] [-v]\n"
+		"                   [-g manual|auto|unspec] [-T sec] [-v]\n"
 		"  -p  provider (default \"tcp;ofi_rxm\")    -d  domain (default: lo for IP providers)\n"
 		"  -m  bw|rate|lat|paged|dcprobe          -s  bytes per write (default 65536; lat 8)\n"
 		"  -w  writes in flight (default 16)      -n  measured writes / round trips\n"
 		"  -W  warm-up writes (default max(10%%, 16); lat 10)\n"
 		"  -N  pages (paged mode, default 64)     -D  FI_DELIVERY_COMPLETE\n"
 		"  -i  FI_INJECT when size <= inject_size -t  FI_THREAD_SAFE (default FI_THREAD_DOMAIN)\n"
+		"  -g  data progress to request (default manual; unspec = provider default)\n"
 		"  -T  timeout in seconds (default 60)    -v  verbose (stderr)\n");
 	exit(EXIT_USAGE);
 }
@@ -1366,7 +1494,7 @@ int main(int argc, char **argv)
 	c.iters = 1000;
 	c.pages = 64;
 
-	while ((opt = getopt(argc, argv, "r:p:d:P:m:s:w:n:W:N:DitT:vh")) != -1) {
+	while ((opt = getopt(argc, argv, "r:p:d:P:m:s:w:n:W:N:Ditg:T:vh")) != -1) {
 		switch (opt) {
 		case 'r':
 			if (!strcmp(optarg, "server"))
@@ -1398,6 +1526,14 @@ int main(int argc, char **argv)
 		case 'D': c.flags |= CFG_DELIVERY; break;
 		case 'i': c.flags |= CFG_INJECT; break;
 		case 't': c.flags |= CFG_THREAD_SAFE; break;
+		case 'g':
+			if (!strcmp(optarg, "auto"))
+				c.flags |= CFG_PROG_AUTO;
+			else if (!strcmp(optarg, "unspec"))
+				c.flags |= CFG_PROG_UNSPEC;
+			else if (strcmp(optarg, "manual"))
+				usage();
+			break;
 		case 'T': timeout_s = atoi(optarg); break;
 		case 'v': verbose = 1; break;
 		default: usage();

@@ -1,0 +1,282 @@
+# The futures layer (included by _core.pyx): op ids -> asyncio futures.
+#
+# One reader on the worker's eventfd; each wake-up drains every record and
+# resolves futures in a batch.  The hot path (write, write_imm) checks its
+# arguments, posts and creates the future here, in C, without per-op Python
+# frames.  Buffers: an operation holds its source CoreMR (and counts in its
+# `inflight`) until the completion RECORD arrives, never until the future is
+# cancelled.
+
+from cpython.dict cimport PyDict_GetItem, PyDict_SetItem, PyDict_DelItem
+from cpython.ref cimport PyObject
+
+cdef uint64_t IMM_LIMIT = 1ULL << 32
+
+
+cdef class Dest:
+    """A resolved destination region: peer index, remote base/key, size."""
+    cdef readonly uint64_t peer, base, key, nbytes
+    cdef readonly object region      # the RemoteRegion
+    cdef readonly str peer_name
+
+    def __init__(self, uint64_t peer, uint64_t base, uint64_t key, uint64_t nbytes,
+                 region, str peer_name):
+        self.peer = peer
+        self.base = base
+        self.key = key
+        self.nbytes = nbytes
+        self.region = region
+        self.peer_name = peer_name
+
+
+cdef class PendingOp:
+    cdef readonly object fut
+    cdef readonly CoreMR src
+    cdef readonly str name
+    cdef readonly uint64_t nbytes
+    cdef readonly str peer
+
+
+cdef class PendingWait:
+    cdef readonly object fut
+    cdef readonly uint32_t imm
+    cdef readonly uint64_t count
+
+
+cdef inline uint64_t _arg_u64(str name, object v, uint64_t limit) except? 0xFFFFFFFFFFFFFFFF:
+    """An integer argument in [0, limit): TypeError/ValueError naming it."""
+    cdef object i
+    if type(v) is int:
+        i = v
+    elif isinstance(v, bool):
+        raise TypeError(f"{name} must be an integer, not bool")
+    else:
+        try:
+            i = v.__index__()
+        except AttributeError:
+            raise TypeError(f"{name} must be an integer, not {type(v).__name__}") from None
+    if i < 0 or (limit and i >= limit):
+        raise ValueError(f"{name}={i} is out of range [0, {limit if limit else 2**64})")
+    return <uint64_t>i
+
+
+def arg_u64(str name, v, limit=0):
+    """Python entry of the argument check (limit 0 = 2**64)."""
+    return _arg_u64(name, v, limit)
+
+
+cdef class Completions:
+    """Turns the core's records into resolved futures for one event loop."""
+    cdef readonly CoreEngine core
+    cdef readonly object loop
+    cdef readonly dict ops          # id -> PendingOp
+    cdef readonly dict waiters      # id -> PendingWait
+    cdef object create_future
+    cdef object on_message          # callable(bytes)
+    cdef object make_error          # callable(PendingOp, status, text, closing) -> exc
+    cdef uint64_t next_id
+    cdef int fd
+    cdef bint closed
+
+    def __init__(self, CoreEngine core, loop, on_message, make_error):
+        self.core = core
+        self.loop = loop
+        self.ops = {}
+        self.waiters = {}
+        self.create_future = loop.create_future
+        self.on_message = on_message
+        self.make_error = make_error
+        self.next_id = 1
+        self.fd = core.fileno()
+        loop.add_reader(self.fd, self._on_readable)
+
+    cpdef uint64_t new_id(self):
+        cdef uint64_t i = self.next_id
+        self.next_id = i + 1
+        return i
+
+    cdef inline int _live(self) except -1:
+        if self.closed or self.core.e == NULL or self.core.stopped:
+            raise CoreError(FI_ESHUTDOWN, "engine is stopped")
+        return 0
+
+    cdef object _track(self, uint64_t rid, CoreMR src, str name, uint64_t nbytes, str peer):
+        cdef PendingOp op = PendingOp.__new__(PendingOp)
+        fut = self.create_future()
+        op.fut = fut
+        op.src = src
+        op.name = name
+        op.nbytes = nbytes
+        op.peer = peer
+        self.ops[rid] = op
+        if src is not None:
+            src.inflight += 1
+        return fut
+
+    def track(self, uint64_t rid, CoreMR src, str name, uint64_t nbytes, str peer):
+        return self._track(rid, src, name, nbytes, peer)
+
+    # --------------------------------------------------------------- hot path
+
+    def write(self, CoreMR src, Dest d, length, src_offset, dst_offset, imm):
+        """Check, post and track one write; returns its future."""
+        cdef uint64_t so, do, n, iv = 0
+        cdef bint has_imm = imm is not None
+        cdef atx_rdest rd
+        cdef int rc
+        self._live()
+        if src is None or not src.registered:
+            raise ValueError("src_mr is deregistered")
+        so = _arg_u64("src_offset", src_offset, 0) if src_offset is not 0 else 0
+        do = _arg_u64("dst_offset", dst_offset, 0) if dst_offset is not 0 else 0
+        if so > src.mr.len:
+            raise ValueError(f"src_offset {so} exceeds src_mr's {src.mr.len} bytes")
+        n = src.mr.len - so if length is None else _arg_u64("length", length, 0)
+        if n > src.mr.len - so:
+            raise ValueError(f"src_offset {so} + length {n} exceeds src_mr's {src.mr.len} bytes")
+        if do > d.nbytes or n > d.nbytes - do:
+            raise ValueError(f"dst_offset {do} + length {n} exceeds dst's {d.nbytes} bytes")
+        if has_imm:
+            iv = _arg_u64("imm", imm, IMM_LIMIT)
+        rid = self.next_id
+        self.next_id = rid + 1
+        rd.peer = d.peer
+        rd.base = d.base
+        rd.key = d.key
+        rc = atx_post_write(self.core.e, rid, &src.mr, so, &rd, do, n, has_imm, <uint32_t>iv)
+        if rc:
+            raise CoreError(rc, f"write: {atx_strerror(rc).decode()} ({rc})")
+        return self._track(rid, src, "write", n, d.peer_name)
+
+    def write_imm(self, Dest d, imm):
+        cdef uint64_t iv = _arg_u64("imm", imm, IMM_LIMIT)
+        cdef atx_rdest rd
+        cdef int rc
+        self._live()
+        rid = self.next_id
+        self.next_id = rid + 1
+        rd.peer = d.peer
+        rd.base = d.base
+        rd.key = d.key
+        rc = atx_post_write(self.core.e, rid, NULL, 0, &rd, 0, 0, True, <uint32_t>iv)
+        if rc:
+            raise CoreError(rc, f"write_imm: {atx_strerror(rc).decode()} ({rc})")
+        return self._track(rid, None, "write_imm", 0, d.peer_name)
+
+    # ------------------------------------------------------------- immediates
+
+    def expect(self, uint32_t imm, uint64_t count):
+        """None if `count` arrivals were available (consumed now); else
+        (waiter id, future) -- the future resolves when the waiter fires."""
+        cdef PendingWait w
+        self._live()
+        wid = self.next_id
+        self.next_id = wid + 1
+        if atx_imm_expect(self.core.e, imm, count, wid):
+            return None
+        w = PendingWait.__new__(PendingWait)
+        w.fut = self.create_future()
+        w.imm = imm
+        w.count = count
+        self.waiters[wid] = w
+        return wid, w.fut
+
+    def abandon(self, uint64_t wid):
+        """The caller of waiter `wid` stopped waiting (cancelled, timed out).
+        Arrivals are never lost: if it already fired, they are given back."""
+        cdef PendingWait w
+        cdef object o = self.waiters.get(wid)
+        if o is None:
+            return
+        w = <PendingWait>o
+        if self.core.e != NULL and atx_imm_cancel(self.core.e, w.imm, wid):
+            del self.waiters[wid]
+        # else: it fired in C; its record will credit the arrivals back
+        if not w.fut.done():
+            w.fut.cancel()
+
+    # -------------------------------------------------------------- dispatch
+
+    def _on_readable(self):
+        try:
+            self.dispatch(False)
+        except BaseException as exc:  # never into the loop's reader machinery
+            self.loop.call_exception_handler({
+                "message": "aiotransfer: error while dispatching completions",
+                "exception": exc})
+
+    cpdef dispatch(self, bint closing):
+        cdef size_t n, i
+        cdef atx_record *r
+        cdef PendingOp op
+        cdef PendingWait w
+        cdef object o, text
+        cdef atx_engine *e = self.core.e
+        if e == NULL:
+            return
+        if not closing:
+            atx_progress(e)   # collect what is ready now: more records per wake-up
+        while True:
+            n = atx_drain(e, self.core.recs, DRAIN_BATCH)
+            for i in range(n):
+                r = &self.core.recs[i]
+                if r.kind == ATX_REC_OP:
+                    text = None
+                    if r.data != NULL:
+                        text = r.data[:strlen(r.data)].decode("utf-8", "replace")
+                        free(r.data)
+                        r.data = NULL
+                    o = self.ops.pop(r.id, None)
+                    if o is None:
+                        continue
+                    op = <PendingOp>o
+                    if op.src is not None:
+                        op.src.inflight -= 1
+                    if op.fut.done():
+                        continue   # abandoned by its caller; the buffer is free only now
+                    if r.status == 0:
+                        op.fut.set_result(None)
+                    else:
+                        op.fut.set_exception(self.make_error(op, r.status, text, closing))
+                elif r.kind == ATX_REC_WAITER:
+                    o = self.waiters.pop(r.id, None)
+                    if o is None:
+                        continue
+                    w = <PendingWait>o
+                    if w.fut.done():
+                        atx_imm_credit(e, w.imm, w.count)  # fired after its caller left
+                    else:
+                        w.fut.set_result(None)
+                elif r.kind == ATX_REC_MSG:
+                    data = PyBytes_FromStringAndSize(r.data, r.bytes)
+                    free(r.data)
+                    r.data = NULL
+                    self.on_message(data)
+                else:
+                    free(r.data)
+                    r.data = NULL
+            if n < DRAIN_BATCH:
+                break
+
+    def close(self, closed_exc):
+        """Stop the worker and resolve every future (EngineClosedError)."""
+        cdef PendingOp op
+        cdef PendingWait w
+        if self.closed:
+            return
+        self.loop.remove_reader(self.fd)   # remove the reader first, then close the fd
+        self.core.stop()
+        self.dispatch(True)
+        self.closed = True
+        for o in list(self.ops.values()):
+            op = <PendingOp>o
+            if op.src is not None:
+                op.src.inflight -= 1
+            if not op.fut.done():
+                op.fut.set_exception(self.make_error(op, FI_ECANCELED, "engine closed", True))
+        self.ops.clear()
+        for o in self.waiters.values():
+            w = <PendingWait>o
+            if not w.fut.done():
+                w.fut.set_exception(closed_exc)
+        self.waiters.clear()

@@ -1,0 +1,406 @@
+"""Code that runs in spawned child processes (multiprocessing "spawn").
+
+Everything here is importable by a fresh interpreter: the children get the
+parent's sys.path, which holds this directory.  Every blocking step of a
+child has a timeout, so a child never outlives a failed parent for long; the
+parent still joins or kills every child in a ``finally``.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import tempfile
+import traceback
+from typing import Any
+
+import numpy as np
+
+import aiotransfer
+from aiotransfer import EngineClosedError, ScatterTarget, TransferError
+
+from support import MAX_TRANSFER, MiB, assert_bytes, nics_for, random_bytes
+
+STEP_TIMEOUT = 90.0
+ECHO_IMM = 0xEC40
+
+
+# ------------------------------------------------------------------- pipes
+
+def _child_setup() -> None:
+    """Run children in the temp dir: crash reports land there, not in the project."""
+    os.chdir(tempfile.gettempdir())
+
+
+async def pipe_recv(conn, timeout: float = STEP_TIMEOUT) -> Any:
+    """Receive one object from a multiprocessing connection without blocking the loop."""
+    if not await asyncio.to_thread(conn.poll, timeout):
+        raise TimeoutError(f"nothing on the pipe for {timeout} s")
+    return conn.recv()
+
+
+# ------------------------------------------------------------ the receiver
+
+def expected_regions(plan: dict) -> list[np.ndarray]:
+    """The receiver's regions as they must look once every placement landed."""
+    regions = [random_bytes(np.random.default_rng(plan["fill_seed"] + i), n)
+               for i, n in enumerate(plan["regions"])]
+    src = random_bytes(np.random.default_rng(plan["src_seed"]), plan["src_size"])
+    for r, do, so, n in plan["placements"]:
+        regions[r][do:do + n] = src[so:so + n]
+    return regions
+
+
+def receiver_main(conn, provider: str, plan: dict) -> None:
+    """Child: own engine + regions; verify every byte, immediate and message."""
+    _child_setup()
+    try:
+        asyncio.run(_receiver(conn, provider, plan))
+    except BaseException:  # report anything to the parent, then exit non-zero
+        with contextlib.suppress(Exception):
+            conn.send(("error", traceback.format_exc()))
+        raise
+
+
+async def _receiver(conn, provider: str, plan: dict) -> None:
+    async with aiotransfer.TransferEngine(provider=provider, nics=nics_for(provider)) as engine:
+        bufs = [random_bytes(np.random.default_rng(plan["fill_seed"] + i), n)
+                for i, n in enumerate(plan["regions"])]
+        mrs = [engine.register(b) for b in bufs]
+        expected = expected_regions(plan)
+        conn.send(("ready", engine.address, [m.descriptor for m in mrs]))
+        kind, *rest = await pipe_recv(conn)
+        assert kind == "done", kind
+        (echo_to,) = rest
+        errors: list[str] = []
+        for imm, count in plan["imms"].items():
+            try:
+                await engine.expect_imm(imm, count, timeout=STEP_TIMEOUT)
+            except TimeoutError:
+                c = engine.imm_counter(imm)
+                errors.append(f"imm {imm}: expected {count}, got {c.total} (timed out)")
+        for i, (buf, exp) in enumerate(zip(bufs, expected)):
+            try:
+                assert_bytes(buf, exp, f"region {i} ({buf.size} B)")
+            except AssertionError as exc:
+                errors.append(str(exc))
+        got = []
+        for _ in plan["messages"]:
+            try:
+                got.append(await engine.recv(timeout=STEP_TIMEOUT))
+            except TimeoutError:
+                break
+        if collections.Counter(got) != collections.Counter(plan["messages"]):
+            errors.append(f"messages: got {len(got)} {sorted(map(len, got))[:10]}..., expected "
+                          f"{len(plan['messages'])} {sorted(map(len, plan['messages']))[:10]}...")
+        await asyncio.sleep(0.1)  # anything extra would show up now
+        for imm, count in plan["imms"].items():
+            c = engine.imm_counter(imm)
+            if (c.value, c.total) != (0, count):
+                errors.append(f"imm {imm}: value {c.value} total {c.total}, expected 0/{count}")
+        total = engine.stats()[0]["imms_received"]
+        if total != sum(plan["imms"].values()):
+            errors.append(f"{total} immediates received, expected {sum(plan['imms'].values())}")
+        if echo_to is not None and not errors:
+            # the other direction: write region 0 back, then say so in a message
+            await engine.write(mrs[0], echo_to, imm=ECHO_IMM)
+            await engine.send(plan["parent_address"], b"echo-done")
+        conn.send(("result", errors))
+        kind, *_ = await pipe_recv(conn)
+        assert kind == "bye", kind
+
+
+# ------------------------------------------------------- plan generation
+
+class PlanBuilder:
+    """Builds the sender's operations and each receiver's expectations."""
+
+    def __init__(self, rng: np.random.Generator, provider: str, n_receivers: int,
+                 regions: list[int], src_size: int) -> None:
+        self.rng = rng
+        self.provider = provider
+        self.src_size = src_size
+        self.src_seed = int(rng.integers(0, 2 ** 31))
+        self.src = random_bytes(np.random.default_rng(self.src_seed), src_size)
+        self.ops: list[tuple] = []
+        self.plans = []
+        self.cursor = []
+        for _ in range(n_receivers):
+            self.plans.append({"regions": list(regions), "fill_seed": int(rng.integers(0, 2 ** 31)),
+                               "src_seed": self.src_seed, "src_size": src_size, "placements": [],
+                               "imms": {}, "messages": [], "parent_address": None})
+            self.cursor.append([0] * len(regions))
+
+    def _slot(self, rcv: int, region: int, n: int) -> int | None:
+        """A fresh destination range of n bytes (with a random gap), or None if full."""
+        gap = int(self.rng.integers(0, 64))
+        do = self.cursor[rcv][region] + gap
+        if do + n > self.plans[rcv]["regions"][region]:
+            return None
+        self.cursor[rcv][region] = do + n
+        return do
+
+    def _imm(self, rcv: int, imm: int | None, count: int = 1) -> None:
+        if imm is not None and count:
+            d = self.plans[rcv]["imms"]
+            d[imm] = d.get(imm, 0) + count
+
+    def write(self, rcv: int, region: int, n: int, imm: int | None) -> bool:
+        do = self._slot(rcv, region, n)
+        if do is None:
+            return False
+        so = int(self.rng.integers(0, self.src_size - n + 1))
+        self.plans[rcv]["placements"].append((region, do, so, n))
+        self._imm(rcv, imm)
+        self.ops.append(("write", rcv, region, so, do, n, imm))
+        return True
+
+    def paged(self, rcv: int, region: int, npages: int, page_size: int, imm: int | None,
+              as_list: bool) -> bool:
+        ds = page_size + int(self.rng.integers(0, 16))
+        span = npages * ds
+        base = self._slot(rcv, region, span)
+        if base is None:
+            return False
+        ss = page_size + int(self.rng.integers(0, 16))
+        src_pages_max = (self.src_size - page_size) // ss
+        sp = self.rng.integers(0, src_pages_max + 1, npages)
+        dp = self.rng.permutation(npages)
+        for s, d in zip(sp, dp):
+            self.plans[rcv]["placements"].append(
+                (region, base + int(d) * ds, int(s) * ss, page_size))
+        self._imm(rcv, imm, npages)
+        if as_list:
+            sp, dp = [int(x) for x in sp], [int(x) for x in dp]
+        else:
+            sp, dp = sp.astype(np.int64), dp.astype(np.int32)
+        self.ops.append(("paged", rcv, region, sp, dp, page_size, ss, ds, base, imm))
+        return True
+
+    def scatter(self, parts: list[tuple[int, int, int]], imm: int | None) -> None:
+        """parts: (receiver, region, length)"""
+        targets = []
+        for rcv, region, n in parts:
+            do = self._slot(rcv, region, n)
+            if do is None:
+                continue
+            so = int(self.rng.integers(0, self.src_size - n + 1))
+            self.plans[rcv]["placements"].append((region, do, so, n))
+            self._imm(rcv, imm)
+            targets.append((rcv, region, n, so, do))
+        self.ops.append(("scatter", targets, imm))
+
+    def write_imm(self, rcv: int, region: int, imm: int) -> None:
+        self._imm(rcv, imm)
+        self.ops.append(("write_imm", rcv, region, imm))
+
+    def barrier(self, dsts: list[tuple[int, int]], imm: int) -> None:
+        for rcv, _ in dsts:
+            self._imm(rcv, imm)
+        self.ops.append(("barrier", dsts, imm))
+
+    def message(self, rcv: int, data: bytes) -> None:
+        self.plans[rcv]["messages"].append(data)
+        self.ops.append(("send", rcv, data))
+
+
+async def run_ops(engine, smr, ops: list[tuple], descs: list[list[bytes]],
+                  addresses: list[bytes]) -> None:
+    """Post every planned operation at once and wait for all of them."""
+    futs = []
+    for op in ops:
+        kind = op[0]
+        if kind == "write":
+            _, rcv, region, so, do, n, imm = op
+            futs.append(engine.write(smr, descs[rcv][region], length=n, src_offset=so,
+                                     dst_offset=do, imm=imm))
+        elif kind == "paged":
+            _, rcv, region, sp, dp, ps, ss, ds, base, imm = op
+            futs.append(engine.write_paged(smr, sp, descs[rcv][region], dp, page_size=ps,
+                                           src_stride=ss, dst_stride=ds, dst_offset=base,
+                                           imm=imm))
+        elif kind == "scatter":
+            _, targets, imm = op
+            futs.append(engine.scatter(smr, [ScatterTarget(descs[r][g], n, so, do)
+                                              for r, g, n, so, do in targets], imm=imm))
+        elif kind == "write_imm":
+            _, rcv, region, imm = op
+            futs.append(engine.write_imm(descs[rcv][region], imm))
+        elif kind == "barrier":
+            _, dsts, imm = op
+            futs.append(engine.barrier([descs[r][g] for r, g in dsts], imm))
+        elif kind == "send":
+            _, rcv, data = op
+            futs.append(engine.send(addresses[rcv], data))
+    results = await asyncio.wait_for(asyncio.gather(*futs), STEP_TIMEOUT)
+    assert results == [None] * len(futs)
+
+
+# ------------------------------------------------------ writer children
+
+def writer_main(conn, provider: str, how: str, seed: int) -> None:
+    """Child: writes to the parent's region until told (or killed) mid-flight.
+
+    how="close": close the engine with writes in flight, report, exit.
+    how="kill": keep writing until SIGKILLed by the parent."""
+    _child_setup()
+    try:
+        asyncio.run(_writer(conn, provider, how, seed))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.send(("error", traceback.format_exc()))
+        raise
+
+
+async def _writer(conn, provider: str, how: str, seed: int) -> None:
+    engine = aiotransfer.TransferEngine(provider=provider, nics=nics_for(provider))
+    await engine.start()
+    try:
+        n = min(MAX_TRANSFER[provider], 2 * MiB)
+        smr = engine.register(random_bytes(np.random.default_rng(seed), n))
+        kind, desc = await pipe_recv(conn)
+        assert kind == "target", kind
+        await engine.write(smr, desc, imm=1)  # connected, one complete write
+        futs = [engine.write(smr, desc, imm=2) for _ in range(200)]
+        conn.send(("writing", None))
+        if how == "kill":
+            await asyncio.sleep(STEP_TIMEOUT)  # the parent kills us meanwhile
+            return
+        await asyncio.sleep(0.002)
+        await engine.close()
+        results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 30)
+        bad = [r for r in results if not (r is None or isinstance(r, EngineClosedError))]
+        closed = sum(isinstance(r, EngineClosedError) for r in results)
+        conn.send(("closed", {"bad": [repr(r) for r in bad[:3]], "closed": closed}))
+    finally:
+        await engine.close()
+
+
+# ------------------------------------------------------ isolated scenarios
+
+def isolated_main(conn, name: str, args: tuple) -> None:
+    """Child: run one scenario of this module (so that a crash inside
+    libfabric fails one test instead of killing the whole test run)."""
+    _child_setup()
+    try:
+        result = asyncio.run(SCENARIOS[name](*args))
+        conn.send(("ok", result))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.send(("error", traceback.format_exc()))
+        raise
+
+
+class EngineFactory:
+    """A plain stand-in of the make_engine fixture for child processes."""
+
+    def __init__(self) -> None:
+        self.engines: list[aiotransfer.TransferEngine] = []
+
+    async def __call__(self, provider: str, **kwargs) -> aiotransfer.TransferEngine:
+        kwargs.setdefault("nics", nics_for(provider))
+        e = aiotransfer.TransferEngine(provider=provider, **kwargs)
+        self.engines.append(e)
+        return await e.start()
+
+    async def close(self) -> None:
+        for e in self.engines:
+            await e.close()
+
+
+async def close_sender_in_flight(make_engine, provider: str, seed: int) -> dict:
+    """Close the sender while writes of every kind are in flight: each future
+    ends (None or EngineClosedError), nothing hangs, the target keeps working
+    for a new sender."""
+    rng = np.random.default_rng(seed)
+    a = await make_engine(provider)
+    b = await make_engine(provider)
+    n = min(MAX_TRANSFER[provider], 4 * MiB)
+    src = random_bytes(rng, n)
+    dst = np.zeros(n, np.uint8)
+    smr, dmr = a.register(src), b.register(dst)
+    d = dmr.descriptor
+    futs = []
+    for i in range(40):
+        futs.append(a.write(smr, d, imm=1))
+        futs.append(a.write_paged(smr, [0, 1, 2], d, [2, 1, 0], page_size=n // 4, imm=2))
+        futs.append(a.scatter(smr, [ScatterTarget(d, n // 2), ScatterTarget(d, n // 2, n // 2)]))
+        futs.append(a.barrier([d, d], 3))
+        futs.append(a.write_imm(d, 4))
+        futs.append(a.send(b.address, b"m%d" % i))
+    waiter = asyncio.create_task(a.expect_imm(5, 1))
+    receiver = asyncio.create_task(a.recv())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(a.close(), 30)
+    results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 30)
+    outcome = collections.Counter("ok" if r is None else type(r).__name__ for r in results)
+    assert all(r is None or isinstance(r, EngineClosedError) for r in results), \
+        f"seed={seed}: {dict(outcome)}"
+    assert any(isinstance(r, EngineClosedError) for r in results), \
+        f"seed={seed}: nothing was in flight at close? {dict(outcome)}"
+    for task in (waiter, receiver):
+        try:
+            await asyncio.wait_for(task, 5)
+        except EngineClosedError:
+            pass
+        else:
+            raise AssertionError("a waiter survived close()")
+    assert smr.closed and smr.inflight == 0
+    # the target still works, with a fresh sender
+    await asyncio.sleep(0.2)
+    c = await make_engine(provider)
+    src2 = random_bytes(rng, n)
+    s2 = c.register(src2)
+    base = b.imm_counter(9).total
+    await c.write(s2, d, imm=9)
+    await b.expect_imm(9, base + 1, timeout=30)
+    assert_bytes(dst, src2, f"seed={seed}: target after its sender was closed mid-flight")
+    await c.send(b.address, b"still alive")
+    while (m := await b.recv(timeout=30)) != b"still alive":
+        assert m.startswith(b"m"), m
+    return dict(outcome)
+
+
+async def _isolated_close_sender(provider: str, seed: int) -> dict:
+    factory = EngineFactory()
+    try:
+        return await close_sender_in_flight(factory, provider, seed)
+    finally:
+        await factory.close()
+
+
+SCENARIOS = {"close_sender_in_flight": _isolated_close_sender}
+
+
+async def run_isolated(children, name: str, *args, timeout: float = 120.0) -> Any:
+    """Parent side: run SCENARIOS[name](*args) in a spawned child; return its
+    result, or raise AssertionError naming the child's exception or signal."""
+    import signal
+    proc, conn = children.start(isolated_main, name, args)
+    msg = None
+    try:
+        msg = await pipe_recv(conn, timeout)
+    except (TimeoutError, EOFError, OSError):
+        pass
+    await asyncio.to_thread(proc.join, 30)
+    if proc.exitcode is None:
+        proc.kill()
+        await asyncio.to_thread(proc.join, 10)
+        raise AssertionError(f"scenario {name} {args}: child hung, killed")
+    if proc.exitcode < 0:
+        raise AssertionError(f"scenario {name} {args}: child died with "
+                             f"{signal.Signals(-proc.exitcode).name}")
+    if msg is None:
+        raise AssertionError(f"scenario {name} {args}: child exited with code {proc.exitcode} "
+                             "without a report: it crashed (see its captured stderr)")
+    kind, payload = msg
+    if kind == "error":
+        raise AssertionError(f"scenario {name} {args} failed in the child:\n{payload}")
+    assert proc.exitcode == 0, proc.exitcode
+    return payload
+
+
+__all__ = ["receiver_main", "writer_main", "isolated_main", "PlanBuilder", "run_ops",
+           "pipe_recv", "expected_regions", "close_sender_in_flight", "ECHO_IMM",
+           "TransferError"]

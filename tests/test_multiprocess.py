@@ -1,0 +1,192 @@
+"""Engines in separate processes (multiprocessing "spawn"): addresses and
+descriptors travel through a Pipe; the receiving process checks every byte,
+every immediate count and every message itself."""
+from __future__ import annotations
+
+import asyncio
+import glob
+import os
+
+import numpy as np
+import pytest
+
+import aiotransfer
+from aiotransfer import EngineClosedError, TransferError
+
+import peers
+from support import KiB, MAX_TRANSFER, MiB, assert_bytes, random_bytes, settle
+
+pytestmark = pytest.mark.timeout(240)
+
+
+async def expect(conn, kind: str, timeout: float = peers.STEP_TIMEOUT):
+    """The next message from a child, which must be of ``kind``."""
+    try:
+        msg = await peers.pipe_recv(conn, timeout)
+    except EOFError:
+        raise AssertionError(f"child went away while we waited for {kind!r}") from None
+    if msg[0] == "error":
+        raise AssertionError(f"child failed:\n{msg[1]}")
+    assert msg[0] == kind, f"expected {kind!r} from the child, got {msg!r:.300}"
+    return msg[1:]
+
+
+async def join(proc, timeout: float = 60.0) -> int:
+    await asyncio.to_thread(proc.join, timeout)
+    assert proc.exitcode is not None, f"child {proc.pid} did not exit"
+    return proc.exitcode
+
+
+def remove_shm_leftovers(pid: int) -> None:
+    """A SIGKILLed shm process cannot unlink its shared-memory region; we do."""
+    for path in glob.glob(f"/dev/shm/{pid}:*"):
+        os.unlink(path)
+
+
+def _random_ops(pb: peers.PlanBuilder, rng, rcv: int, region: int, n_writes: int) -> None:
+    for i in range(n_writes):
+        n = 0 if i == 0 else int(rng.integers(1, 64 * KiB))
+        pb.write(rcv, region, n, imm=int(rng.integers(0, 4)) if rng.random() < 0.8 else None)
+    pb.paged(rcv, region, 17, 4096, imm=10, as_list=True)
+    pb.paged(rcv, region, 9, 1000, imm=None, as_list=False)
+    pb.paged(rcv, region, 31, 33, imm=11, as_list=False)
+
+
+async def test_cross_process_transfer(make_engine, children, provider, rng, seed):
+    """One receiver process: a big write (64 MiB; 4 MiB on udp), random
+    writes, paged writes, a scatter, write_imm, a barrier and messages; the
+    receiver checks everything, then writes its big region back to us."""
+    engine = await make_engine(provider)
+    cap = MAX_TRANSFER[provider]
+    pb = peers.PlanBuilder(rng, provider, 1, regions=[cap + 64 * KiB, 4 * MiB],
+                           src_size=cap + 64 * KiB)
+    pb.plans[0]["parent_address"] = engine.address
+    assert pb.write(0, 0, cap - int(rng.integers(0, 1000)), imm=0xFFFFFFFF)
+    _random_ops(pb, rng, 0, 1, 30)
+    pb.scatter([(0, 1, int(rng.integers(0, 8 * KiB))) for _ in range(10)], imm=12)
+    for _ in range(5):
+        pb.write_imm(0, 1, 13)
+    pb.barrier([(0, 0), (0, 1), (0, 1)], 14)
+    for data in [b"", b"hello", random_bytes(rng, 65536).tobytes(),
+                 *(random_bytes(rng, int(rng.integers(0, 3000))).tobytes() for _ in range(7))]:
+        pb.message(0, data)
+    plan = pb.plans[0]
+
+    proc, conn = children.start(peers.receiver_main, provider, plan)
+    address, descs = await expect(conn, "ready")
+    smr = engine.register(pb.src)
+    await peers.run_ops(engine, smr, [o for o in pb.ops if o[0] != "paged"], [descs], [address])
+    echo = np.zeros(plan["regions"][0], np.uint8)
+    emr = engine.register(echo)
+    conn.send(("done", emr.descriptor))
+    (errors,) = await expect(conn, "result")
+    assert errors == [], f"seed={seed}: the receiver found:\n" + "\n".join(errors)
+    # the other direction
+    await engine.expect_imm(peers.ECHO_IMM, 1, timeout=60)
+    assert_bytes(echo, peers.expected_regions(plan)[0], f"seed={seed}: echo from the child")
+    assert await engine.recv(timeout=30) == b"echo-done"
+    conn.send(("bye",))
+    assert await join(proc) == 0
+
+
+async def test_cross_process_scatter_and_barrier(make_engine, children, provider, rng, seed):
+    """Three receiver processes: scatters and barriers that span all of them."""
+    engine = await make_engine(provider)
+    n = 3
+    pb = peers.PlanBuilder(rng, provider, n, regions=[1 * MiB, 256 * KiB],
+                           src_size=min(MAX_TRANSFER[provider], 2 * MiB))
+    for r in range(n):
+        pb.plans[r]["parent_address"] = engine.address
+    for k in range(4):
+        parts = [(int(rng.integers(0, n)), int(rng.integers(0, 2)), int(rng.integers(0, 32 * KiB)))
+                 for _ in range(12)]
+        pb.scatter(parts, imm=20 + k if k < 3 else None)
+    pb.barrier([(r, g) for r in range(n) for g in range(2)], 30)
+    pb.barrier([(0, 0), (2, 1)], 31)
+    for r in range(n):
+        _random_ops(pb, rng, r, 0, 5)
+        pb.message(r, b"to %d" % r)
+    procs = [children.start(peers.receiver_main, provider, pb.plans[r]) for r in range(n)]
+    ready = [await expect(conn, "ready") for _, conn in procs]
+    smr = engine.register(pb.src)
+    await peers.run_ops(engine, smr, pb.ops, [d for _, d in ready], [a for a, _ in ready])
+    for _, conn in procs:
+        conn.send(("done", None))
+    for r, (_, conn) in enumerate(procs):
+        (errors,) = await expect(conn, "result")
+        assert errors == [], f"seed={seed}: receiver {r} found:\n" + "\n".join(errors)
+    for proc, conn in procs:
+        conn.send(("bye",))
+    for proc, _ in procs:
+        assert await join(proc) == 0
+
+
+@pytest.mark.parametrize("how", ["close", "kill"])
+async def test_cross_process_sender_goes_away_mid_flight(make_engine, children, provider, how,
+                                                         rng, seed):
+    """A writer process closes its engine (or is SIGKILLed) with 200 writes
+    in flight to us.  Its futures end with EngineClosedError (close); our
+    engine survives and still receives from a new writer."""
+    target = await make_engine(provider)
+    n = min(MAX_TRANSFER[provider], 2 * MiB)
+    dst = np.zeros(n, np.uint8)
+    dmr = target.register(dst)
+    proc, conn = children.start(peers.writer_main, provider, how, seed)
+    try:
+        conn.send(("target", dmr.descriptor))
+        await expect(conn, "writing")
+        if how == "kill":
+            await target.expect_imm(2, 1, timeout=60)  # some writes surely landed
+            proc.kill()
+        else:
+            (report,) = await expect(conn, "closed")
+            assert report["bad"] == [], report
+            assert report["closed"] > 0, f"no write was in flight at close: {report}"
+        exitcode = await join(proc)
+        assert exitcode == (-9 if how == "kill" else 0)
+    finally:
+        if how == "kill" and provider == "shm":
+            remove_shm_leftovers(proc.pid)
+    # the target still works
+    await settle(0.2)
+    sender = await make_engine(provider)
+    src = random_bytes(rng, n)
+    await sender.write(sender.register(src), dmr.descriptor, imm=77)
+    await target.expect_imm(77, 1, timeout=60)
+    assert_bytes(dst, src, f"seed={seed}: target after its writer went away ({how})")
+    await sender.send(target.address, b"ok")
+    assert await target.recv(timeout=30) == b"ok"
+
+
+@pytest.mark.parametrize("how", ["close", "kill"])
+async def test_cross_process_target_goes_away_mid_flight(make_engine, children, provider, how,
+                                                         rng):
+    """The target process closes its engine (or is SIGKILLed) while we have
+    writes in flight to it: every future ends (None or TransferError) at the
+    latest when we close, and nothing hangs.  (Across processes this is safe
+    for shm too.)"""
+    writer = await make_engine(provider)
+    n = min(MAX_TRANSFER[provider], 1 * MiB)
+    plan = {"regions": [n], "fill_seed": 1, "src_seed": 2, "src_size": 1, "placements": [],
+            "imms": {}, "messages": [], "parent_address": writer.address}
+    proc, conn = children.start(peers.receiver_main, provider, plan)
+    try:
+        address, descs = await expect(conn, "ready")
+        smr = writer.register(random_bytes(rng, n))
+        await writer.write(smr, descs[0])
+        futs = [writer.write(smr, descs[0], imm=5) for _ in range(100)]
+        if how == "kill":
+            proc.kill()
+        else:
+            conn.send(("done", None))  # the child checks, reports, then closes on "bye"
+            await expect(conn, "result")
+            conn.send(("bye",))
+        await join(proc)
+    finally:
+        if how == "kill" and provider == "shm":
+            remove_shm_leftovers(proc.pid)
+    await asyncio.wait(futs, timeout=3)
+    await asyncio.wait_for(writer.close(), 30)
+    results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 30)
+    assert all(r is None or isinstance(r, TransferError) for r in results), \
+        {type(r).__name__ for r in results}
