@@ -47,7 +47,7 @@ info: build
 
 bench: build
 	$(PY) -m pip install -q matplotlib
-	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_core.py --json benchmarks/results/core.json --plot docs/img/core_bw.png
 
 clean:
 	rm -rf build $(VENV) *.egg-info aiotransfer/_core.c aiotransfer/*.so benchmarks/raw/build

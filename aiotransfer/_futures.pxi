@@ -195,6 +195,16 @@ cdef class Completions:
         if not w.fut.done():
             w.fut.cancel()
 
+    def poll(self):
+        """Progress inline and resolve what is ready; True if anything was."""
+        cdef atx_engine *e = self.core.e
+        if e == NULL or self.closed:
+            return False
+        if atx_progress(e) == 0 and not atx_pending(e):
+            return False
+        self.dispatch(False)
+        return True
+
     # -------------------------------------------------------------- dispatch
 
     def _on_readable(self):

@@ -16,6 +16,7 @@ import collections
 import operator
 import os
 import secrets
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence, Union
@@ -41,6 +42,10 @@ PROVIDER_ALIASES = {
 }
 
 Destination = Union[RemoteRegion, bytes, bytearray, memoryview]
+
+#: Defaults that work around provider behaviour measured here (docs/providers.md):
+#: sockets stalls with 64 or more writes in flight.
+PROVIDER_DEFAULTS: dict[str, dict[str, int]] = {"sockets": {"tx_depth": 32}}
 
 
 def resolve_provider(provider: str | None) -> str:
@@ -266,12 +271,17 @@ class TransferEngine:
     ``tx_depth`` -- work requests in flight per NIC (default: the provider's
     queue size, or ``$AIOTRANSFER_TX_DEPTH``).
     ``recv_queue_limit`` -- control messages kept while nobody is in recv().
+    ``busy_poll_us`` -- how long ``expect_imm`` polls the NIC from the event
+    loop's thread before sleeping, only while no other callback is ready
+    (default 20, ``$AIOTRANSFER_BUSY_POLL_US``; 0 disables).  It trades a
+    little CPU for a wake-up latency of a few microseconds.
     """
 
     def __init__(self, provider: str | None = None, *, nics: Sequence[str] | int | None = None,
                  delivery_complete: bool = True, msg_size: int = 65536, msg_count: int = 64,
                  cpu: int | None = None, max_chunk: int | None = None,
-                 recv_queue_limit: int = 4096, tx_depth: int | None = None) -> None:
+                 recv_queue_limit: int = 4096, tx_depth: int | None = None,
+                 busy_poll_us: float | None = None) -> None:
         self.provider = resolve_provider(provider)
         self._nic_names = self._check_nics(nics)
         self._delivery_complete = bool(delivery_complete)
@@ -286,9 +296,16 @@ class TransferEngine:
         if max_chunk is not None and self._max_chunk == 0:
             raise ValueError("max_chunk must be positive")
         if tx_depth is None:
-            tx_depth = int(os.environ.get("AIOTRANSFER_TX_DEPTH", "0"))
+            tx_depth = int(os.environ.get("AIOTRANSFER_TX_DEPTH", "0")) or \
+                PROVIDER_DEFAULTS.get(self.provider, {}).get("tx_depth", 0)
         self._tx_depth = _uint("tx_depth", tx_depth, 1 << 16)
         self._msgs = _Messages(_uint("recv_queue_limit", recv_queue_limit))
+        if busy_poll_us is None:
+            busy_poll_us = float(os.environ.get("AIOTRANSFER_BUSY_POLL_US", "20"))
+        if isinstance(busy_poll_us, bool) or not isinstance(busy_poll_us, (int, float)) \
+                or not 0 <= busy_poll_us <= 1e6:
+            raise ValueError(f"busy_poll_us={busy_poll_us!r} must be a number in [0, 1e6]")
+        self._busy_poll = busy_poll_us / 1e6
         self._core: Any = None
         self._c: Any = None           # _core.Completions while running
         self._state = "new"
@@ -654,8 +671,12 @@ class TransferEngine:
         if got is None:
             return
         wid, fut = got
+        if self._busy_poll and self._idle_loop(c.loop):
+            self._spin(c, fut)
         try:
-            if timeout is None:
+            if fut.done():
+                fut.result()
+            elif timeout is None:
                 await fut
             else:
                 await asyncio.wait_for(asyncio.shield(fut), timeout)
@@ -665,6 +686,18 @@ class TransferEngine:
             else:
                 c.abandon(wid)
             raise
+
+    @staticmethod
+    def _idle_loop(loop: Any) -> bool:
+        ready = getattr(loop, "_ready", None)   # asyncio's run queue (not uvloop)
+        return ready is not None and not ready
+
+    def _spin(self, c: Any, fut: asyncio.Future) -> None:
+        """Poll from this thread for up to busy_poll_us while fut is pending."""
+        end = time.perf_counter() + self._busy_poll
+        poll = c.poll
+        while not fut.done() and time.perf_counter() < end:
+            poll()
 
     def imm_counter(self, imm: int) -> ImmCounter:
         self._core_or_closed()

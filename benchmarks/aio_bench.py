@@ -47,6 +47,11 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _now() -> float:
+    # both processes read the same CLOCK_MONOTONIC (as fi_rawbench.c does)
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
 def _fill(buf: np.ndarray, seed: int) -> None:
     buf[:] = np.random.default_rng(seed).integers(0, 256, buf.size, dtype=np.uint8)
 
@@ -98,18 +103,23 @@ async def _server(provider: str, mode: str, size: int, window: int, iters: int, 
         peer_desc = conn.recv()
         res: dict[str, Any] = {}
         if mode == "lat":
+            w = None
             for _ in range(warmup + iters):
                 await eng.expect_imm(IMM_PING, 1)
-                await eng.write(back, peer_desc, length=8, imm=IMM_PONG)
+                if w is not None:
+                    await w
+                w = eng.write(back, peer_desc, length=8, imm=IMM_PONG)
+            await w
         else:
             await eng.expect_imm(IMM_DATA, warmup, timeout=300)
             c0 = _cpu()
             await eng.expect_imm(IMM_DATA, 1, timeout=300)
-            t0 = time.perf_counter()
+            t0 = _now()
             await eng.expect_imm(IMM_DATA, iters - 1, timeout=600)
-            t1 = time.perf_counter()
+            t1 = _now()
             res["cpu_server"] = _cpu() - c0
             res["recv_span"] = t1 - t0
+            res["t_last"] = t1
             # verification of the last pass: the client tells what it wrote where
             expect = conn.recv()
             ok = True
@@ -140,8 +150,9 @@ async def _client(provider: str, mode: str, size: int, window: int, iters: int, 
             rtts = []
             for i in range(warmup + iters):
                 t = time.perf_counter()
-                await eng.write(mr, dst, length=8, imm=IMM_PING)
+                w = eng.write(mr, dst, length=8, imm=IMM_PING)
                 await eng.expect_imm(IMM_PONG, 1)
+                await w
                 if i >= warmup:
                     rtts.append(time.perf_counter() - t)
             rtts.sort()
@@ -165,12 +176,21 @@ async def _client(provider: str, mode: str, size: int, window: int, iters: int, 
             del total_calls
             plan = [(rng.integers(0, npages_region, n).astype(np.int64),
                      rng.permutation(npages_region)[:n].astype(np.int64)) for n in sizes]
-            c0 = _cpu()
-            t0 = time.perf_counter()
+            nwarm = 0
+            left = warmup
+            while left > 0:
+                left -= sizes[nwarm]
+                nwarm += 1
             await _windowed((eng.write_paged, (mr, sp, dst, dp),
-                             {"page_size": size, "imm": IMM_DATA}) for sp, dp in plan)(
-                calls_window)
-            t1 = time.perf_counter()
+                             {"page_size": size, "imm": IMM_DATA})
+                            for sp, dp in plan[:nwarm])(calls_window)
+            c0 = _cpu()
+            t0 = _now()
+            await _windowed((eng.write_paged, (mr, sp, dst, dp),
+                             {"page_size": size, "imm": IMM_DATA})
+                            for sp, dp in plan[nwarm:])(calls_window)
+            t1 = _now()
+            out["t_first"] = t0
             out["cpu_client"] = _cpu() - c0
             out["send_span"] = t1 - t0
             # expected bytes of the last call's pages (later calls may overwrite: use last)
@@ -183,13 +203,18 @@ async def _client(provider: str, mode: str, size: int, window: int, iters: int, 
         else:
             slots = max(1, nbytes // size) if size else 1
             n = warmup + iters
+            def calls(lo: int, hi: int):
+                return ((eng.write, (mr, dst),
+                         {"length": size, "src_offset": (i % slots) * size,
+                          "dst_offset": (i % slots) * size, "imm": IMM_DATA})
+                        for i in range(lo, hi))
+
+            await _windowed(calls(0, warmup))(window)
             c0 = _cpu()
-            t0 = time.perf_counter()
-            await _windowed((eng.write, (mr, dst),
-                             {"length": size, "src_offset": (i % slots) * size,
-                              "dst_offset": (i % slots) * size, "imm": IMM_DATA})
-                            for i in range(n))(window)
-            t1 = time.perf_counter()
+            t0 = _now()
+            await _windowed(calls(warmup, n))(window)
+            t1 = _now()
+            out["t_first"] = t0
             out["cpu_client"] = _cpu() - c0
             out["send_span"] = t1 - t0
             last = [((n - 1 - k) % slots) * size for k in range(min(slots, n))]
@@ -242,8 +267,11 @@ def run_aio(provider: str, mode: str, size: int, window: int, iters: int, *,
         span = out["recv_span"]
         res["gbps_recv"] = (iters - 1) * size / span / 1e9 if span > 0 else None
         res["mops"] = (iters - 1) / span / 1e6 if span > 0 else None
-        res["gbps_send"] = (warmup + iters) * size / out["send_span"] / 1e9
-        res["cpu_us_per_op_client"] = out["cpu_client"] / (warmup + iters) * 1e6
+        res["gbps_send"] = iters * size / out["send_span"] / 1e9
+        e2e = out["t_last"] - out["t_first"]
+        res["gbps_e2e"] = iters * size / e2e / 1e9 if e2e > 0 else None
+        res["mops_e2e"] = iters / e2e / 1e6 if e2e > 0 else None
+        res["cpu_us_per_op_client"] = out["cpu_client"] / iters * 1e6
         res["cpu_us_per_op_server"] = out["cpu_server"] / iters * 1e6
         res["verified"] = out["verified"]
     return res

@@ -243,6 +243,14 @@ static void batch_flush(atx_engine *e) {
     e->batch_n = 0;
 }
 
+int atx_pending(atx_engine *e) {
+    int n;
+    pthread_mutex_lock(&e->rec_lock);
+    n = e->rec_n > e->rec_head;
+    pthread_mutex_unlock(&e->rec_lock);
+    return n;
+}
+
 size_t atx_drain(atx_engine *e, atx_record *out, size_t max) {
     uint64_t v;
     size_t n;
@@ -1363,6 +1371,9 @@ static struct fi_info *make_hints(const atx_config *cfg) {
     h->domain_attr->mr_mode =
         FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED | FI_MR_PROV_KEY | FI_MR_ENDPOINT;
     h->domain_attr->threading = FI_THREAD_DOMAIN;
+    /* we always progress (worker + inline); the sockets provider's own
+     * progress threads stall with deep windows (seen here) */
+    h->domain_attr->data_progress = FI_PROGRESS_MANUAL;
     h->fabric_attr->prov_name = strdup(cfg->provider);
     if (cfg->domain && cfg->domain[0]) h->domain_attr->name = strdup(cfg->domain);
     return h;

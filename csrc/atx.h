@@ -150,6 +150,8 @@ void atx_imm_value(atx_engine *e, uint32_t imm, uint64_t *available, uint64_t *t
 /* --- completions --- */
 /* Progress from the calling thread if nobody else is (non-blocking). */
 size_t atx_progress(atx_engine *e);
+/* Are records waiting to be drained? */
+int atx_pending(atx_engine *e);
 /* Move up to max records into out; returns the count.  Clears the eventfd. */
 size_t atx_drain(atx_engine *e, atx_record *out, size_t max);
 

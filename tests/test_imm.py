@@ -195,6 +195,27 @@ async def test_concurrent_waiters_share_arrivals(link):
     assert (c.value, c.total) == (0, 6)
 
 
+async def test_waiters_first_come_first_served(link):
+    """A later, smaller waiter does not overtake an earlier one (docs/semantics.md)."""
+    a, b, d = link
+    c = b.imm_counter(15)
+    first = asyncio.create_task(b.expect_imm(15, 2, timeout=30))
+    await asyncio.sleep(0.01)
+    second = asyncio.create_task(b.expect_imm(15, 1, timeout=30))
+    await asyncio.sleep(0.01)
+    await a.write_imm(d, 15)
+    await wait_arrivals(c, 1)
+    await asyncio.sleep(0.05)
+    assert not first.done() and not second.done(), "the second waiter overtook the first"
+    await a.write_imm(d, 15)
+    await asyncio.wait_for(first, 30)
+    await asyncio.sleep(0.05)
+    assert not second.done()
+    await a.write_imm(d, 15)
+    await asyncio.wait_for(second, 30)
+    assert (c.value, c.total) == (0, 3)
+
+
 async def test_imm_counter(link):
     a, b, d = link
     c = b.imm_counter(11)
@@ -235,10 +256,15 @@ async def test_many_distinct_immediates(link, rng, seed):
     assert b.stats()[0]["imms_received"] == 2 * len(values)
 
 
-async def test_ten_thousand_concurrent_writes(pair, provider, rng, seed):
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("tx_depth", [None, 2], ids=["default-depth", "tx_depth=2"])
+async def test_ten_thousand_concurrent_writes(make_engine, provider, rng, seed, tx_depth):
     """10,000 writes in flight together (asyncio.gather); exact immediate
-    counts per value and every byte checked."""
-    a, b = pair
+    counts per value and every byte checked.  With tx_depth=2 nearly all of
+    them queue behind the provider."""
+    kwargs = {} if tx_depth is None else {"tx_depth": tx_depth}
+    a = await make_engine(provider, **kwargs)
+    b = await make_engine(provider)
     n, slot = 10_000, 48
     src = random_bytes(rng, n * slot)
     dst = random_bytes(rng, n * slot + 64)

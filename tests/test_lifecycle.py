@@ -99,17 +99,17 @@ def _outcomes(results) -> dict[str, int]:
     return out
 
 
-async def test_close_sender_with_operations_in_flight(make_engine, children, provider, seed):
+@pytest.mark.parametrize("tx_depth", [None, 2], ids=["default-depth", "tx_depth=2"])
+async def test_close_sender_with_operations_in_flight(make_engine, children, provider, seed,
+                                                      tx_depth):
     """Close the *sender* while writes of every kind are in flight: each
     future ends (None or EngineClosedError), nothing hangs, and the target
     keeps working for a new sender (peers.close_sender_in_flight).
 
     shm runs the same two-engines-in-one-process scenario inside a spawned
     child, so that a crash inside libfabric fails this test only."""
-    if provider == "shm":
-        await peers.run_isolated(children, "close_sender_in_flight", provider, seed)
-    else:
-        await peers.close_sender_in_flight(make_engine, provider, seed)
+    await peers.run_scenario("close_sender_in_flight", make_engine, children, provider, seed,
+                             tx_depth, isolate=provider == "shm")
 
 
 async def test_close_target_with_writes_in_flight(make_engine, provider, rng):

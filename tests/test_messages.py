@@ -116,3 +116,16 @@ async def test_messages_and_writes_interleaved(pair, rng, seed):
     assert got == {b"%d" % i for i in range(100)}
     await b.expect_imm(1, 100, timeout=30)
     assert (dst == src).all(), f"seed={seed}"
+
+
+async def test_recv_queue_limit_drops_and_counts(make_engine, provider):
+    a = await make_engine(provider)
+    b = await make_engine(provider, recv_queue_limit=5)
+    await asyncio.gather(*[a.send(b.address, b"q%d" % i) for i in range(12)])
+    await wait_until(lambda: b.stats()[0]["msgs_received"] == 12, 30, "12 messages")
+    await asyncio.sleep(0.05)
+    got = [await b.recv(timeout=5) for _ in range(5)]
+    assert len(set(got)) == 5 and all(g.startswith(b"q") for g in got)
+    with pytest.raises(TimeoutError):
+        await b.recv(timeout=0.05)
+    assert b.dropped_messages == 7

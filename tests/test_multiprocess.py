@@ -75,7 +75,7 @@ async def test_cross_process_transfer(make_engine, children, provider, rng, seed
     proc, conn = children.start(peers.receiver_main, provider, plan)
     address, descs = await expect(conn, "ready")
     smr = engine.register(pb.src)
-    await peers.run_ops(engine, smr, [o for o in pb.ops if o[0] != "paged"], [descs], [address])
+    await peers.run_ops(engine, smr, pb.ops, [descs], [address])
     echo = np.zeros(plan["regions"][0], np.uint8)
     emr = engine.register(echo)
     conn.send(("done", emr.descriptor))
@@ -185,7 +185,7 @@ async def test_cross_process_target_goes_away_mid_flight(make_engine, children, 
     finally:
         if how == "kill" and provider == "shm":
             remove_shm_leftovers(proc.pid)
-    await asyncio.wait(futs, timeout=3)
+    await asyncio.wait(futs, timeout=1)
     await asyncio.wait_for(writer.close(), 30)
     results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 30)
     assert all(r is None or isinstance(r, TransferError) for r in results), \

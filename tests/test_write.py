@@ -9,6 +9,8 @@ import pytest
 
 from aiotransfer import RemoteRegion
 
+import peers
+
 from support import (KiB, MAX_TRANSFER, MiB, assert_bytes, random_bytes, random_sizes,
                      settle)
 
@@ -219,6 +221,18 @@ async def test_bidirectional_writes(pair, provider, rng, seed):
     assert_bytes(da[:16 * piece], sb[:16 * piece], f"b->a seed={seed}")
 
 
+async def test_write_to_own_region(make_engine, provider, rng, seed):
+    """An engine may write (and send) to itself."""
+    a = await make_engine(provider)
+    src, dst = random_bytes(rng, 100 * KiB), np.zeros(100 * KiB + 8, np.uint8)
+    smr, dmr = a.register(src), a.register(dst)
+    await a.write(smr, dmr.descriptor, dst_offset=8, imm=5)
+    await a.expect_imm(5, 1, timeout=30)
+    assert_bytes(dst[8:], src, f"seed={seed}")
+    await a.send(a.address, b"me")
+    assert await a.recv(timeout=30) == b"me"
+
+
 async def test_one_source_to_many_engines(make_engine, provider, rng, seed):
     """One sender, several receiver engines; every receiver checks its bytes."""
     a = await make_engine(provider)
@@ -235,3 +249,30 @@ async def test_one_source_to_many_engines(make_engine, provider, rng, seed):
         for j in range(3):
             if j != i:
                 assert r.imm_counter(40 + j).total == 0
+
+
+async def test_without_delivery_complete_the_immediate_still_follows_the_bytes(
+        make_engine, provider, rng, seed):
+    """delivery_complete=False: the await only frees the source, but the
+    immediate still arrives after the bytes (docs/semantics.md)."""
+    a = await make_engine(provider, delivery_complete=False)
+    b = await make_engine(provider)
+    n = min(MAX_TRANSFER[provider], 8 * MiB)
+    src, dst = random_bytes(rng, n), random_bytes(rng, n)
+    smr, dmr = a.register(src), b.register(dst)
+    for i in range(4):
+        src[:] = random_bytes(rng, n)
+        expected = src.copy()
+        fut = a.write(smr, dmr.descriptor, imm=i)
+        await b.expect_imm(i, 1, timeout=60)
+        assert_bytes(dst, expected, f"seed={seed} round {i} (checked when the immediate arrived)")
+        await fut
+
+
+async def test_deregistered_region_is_not_written(make_engine, children, provider, seed):
+    """After deregister, a peer holding the old descriptor cannot change the
+    memory (peers.stale_descriptor).  On shm the writer may have to be closed
+    with the stale write in flight, which can crash libfabric when both
+    engines share a process: there the scenario runs in a child process."""
+    await peers.run_scenario("stale_descriptor", make_engine, children, provider, seed,
+                             isolate=provider == "shm")

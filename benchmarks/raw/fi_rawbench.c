@@ -29,10 +29,11 @@
  *
  * Metrics (n = measured writes, 1 GB/s = 1e9 B/s):
  *   gbps_recv/mops_recv  (n-1) writes over first..last measured arrival in the
- *                        target's CQ (can over-report: with tcp the target CQ
- *                        may lag data placement and then drain in a burst)
+ *                        target's CQ; "mops" is mops_recv.  Can over-report:
+ *                        with tcp the target CQ may lag data placement and
+ *                        then drain in a burst
  *   gbps_send/mops_send  n writes, client's first post .. last completion
- *   gbps_e2e/mops        n writes, client's first post .. target's last
+ *   gbps_e2e/mops_e2e    n writes, client's first post .. target's last
  *                        arrival (same host, shared CLOCK_MONOTONIC)
  *   cpu_us_per_op_*      getrusage user+sys per op: client over its measured
  *                        phase, server over the e2e interval (1 ms samples)
@@ -90,6 +91,9 @@ static const char *mode_names[] = {"bw", "rate", "lat", "paged", "dcprobe"};
 #define CFG_PROG_AUTO 0x8u   /* request FI_PROGRESS_AUTO data progress */
 #define CFG_PROG_UNSPEC 0x10u /* leave data progress to the provider */
 
+#ifndef CQ_BATCH
+#define CQ_BATCH 64 /* completions per fi_cq_read */
+#endif
 #define IMM_PONG_BIT 0x80000000u
 #define DCPROBE_SLEEP_MS 300
 #define PAGE_SEED 0x5eed5eedULL
@@ -483,8 +487,8 @@ static void cq_error(struct fab *f)
 /* Read and account completions.  Returns the number of entries handled. */
 static ssize_t progress(struct fab *f)
 {
-	struct fi_cq_data_entry e[64];
-	ssize_t n = fi_cq_read(f->cq, e, 64);
+	struct fi_cq_data_entry e[CQ_BATCH];
+	ssize_t n = fi_cq_read(f->cq, e, CQ_BATCH);
 	if (n == -FI_EAGAIN)
 		return 0;
 	if (n == -FI_EAVAIL)
@@ -1378,9 +1382,10 @@ static int run_client(struct cfg *c, int port)
 		 is_stream && span > 0);
 	json_num("gbps_e2e", res.e2e_span_s > 0 ? (double)c->iters * (double)c->size / res.e2e_span_s / 1e9 : 0,
 		 is_stream && res.e2e_span_s > 0);
-	json_num("mops", res.e2e_span_s > 0 ? (double)c->iters / res.e2e_span_s / 1e6 : 0,
-		 is_stream && res.e2e_span_s > 0);
+	json_num("mops", res.mops_recv, is_stream && res.meas_recv >= 2);
 	json_num("mops_recv", res.mops_recv, is_stream && res.meas_recv >= 2);
+	json_num("mops_e2e", res.e2e_span_s > 0 ? (double)c->iters / res.e2e_span_s / 1e6 : 0,
+		 is_stream && res.e2e_span_s > 0);
 	json_num("mops_send", span > 0 ? (double)c->iters / span / 1e6 : 0, is_stream && span > 0);
 	if (c->mode == MODE_LAT && c->iters) {
 		qsort(rtt, c->iters, sizeof(double), cmp_double);
