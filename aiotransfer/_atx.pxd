@@ -28,6 +28,7 @@ cdef extern from "atx.h" nogil:
         int cpu
         size_t max_chunk
         size_t tx_depth
+        int no_wait_fd
 
     ctypedef struct atx_nic_info:
         char name[64]

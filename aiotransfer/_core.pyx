@@ -100,7 +100,7 @@ cdef class CoreEngine:
             raise MemoryError()
 
     def __init__(self, str provider, domain=None, *, bint delivery_complete=True,
-                 size_t msg_size=65536, int msg_count=64, int cpu=-1, size_t max_chunk=0, size_t tx_depth=0):
+                 size_t msg_size=65536, int msg_count=64, int cpu=-1, size_t max_chunk=0, size_t tx_depth=0, bint wait_fd=True):
         cdef atx_config cfg
         cdef char err[256]
         cdef bytes prov_b = provider.encode()
@@ -117,6 +117,7 @@ cdef class CoreEngine:
         cfg.cpu = cpu
         cfg.max_chunk = max_chunk
         cfg.tx_depth = tx_depth
+        cfg.no_wait_fd = not wait_fd
         err[0] = 0
         with nogil:
             rc = atx_engine_create(&cfg, &eng, err, sizeof(err))

@@ -67,11 +67,13 @@ class EngineAddress:
         if len(b) - pos < _ADDR_HEAD.size + 1:
             raise ValueError(f"address truncated: {len(b) - pos} bytes, "
                              f"header needs {_ADDR_HEAD.size + 1}")
-        magic, ver, _flags, nnics, eid = _ADDR_HEAD.unpack_from(b, pos)
+        magic, ver, flags, nnics, eid = _ADDR_HEAD.unpack_from(b, pos)
         if magic != _ADDR_MAGIC:
             raise ValueError(f"not an aiotransfer engine address (magic {magic!r})")
         if ver != _VERSION:
             raise ValueError(f"unknown engine address version {ver} (this build reads 1)")
+        if flags:
+            raise ValueError(f"engine address has unknown flags {flags:#x}")
         if not 1 <= nnics <= MAX_NICS:
             raise ValueError(f"address lists {nnics} NICs (1..{MAX_NICS} allowed)")
         pos += _ADDR_HEAD.size

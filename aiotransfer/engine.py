@@ -44,8 +44,11 @@ PROVIDER_ALIASES = {
 Destination = Union[RemoteRegion, bytes, bytearray, memoryview]
 
 #: Defaults that work around provider behaviour measured here (docs/providers.md):
-#: sockets stalls with 64 or more writes in flight.
-PROVIDER_DEFAULTS: dict[str, dict[str, int]] = {"sockets": {"tx_depth": 32}}
+#: sockets stalls with 64 or more writes in flight, and under manual progress
+#: its CQ wait fd does not wake a target whose data is waiting to be progressed.
+PROVIDER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sockets": {"tx_depth": 16, "wait_fd": False},
+}
 
 
 def resolve_provider(provider: str | None) -> str:
@@ -94,6 +97,15 @@ def _pages(name: str, pages: Any) -> np.ndarray:
         raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
     if arr.size == 0:
         return np.empty(0, dtype=np.int64)
+    if arr.dtype.kind == "O":   # Python ints beyond 64 bits, or mixed objects
+        vals = []
+        for i, v in enumerate(arr.tolist()):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name}[{i}] must be an integer, not {type(v).__name__}")
+            if not 0 <= v <= np.iinfo(np.int64).max:
+                raise ValueError(f"{name}[{i}] = {v} is out of range [0, 2**63)")
+            vals.append(v)
+        return np.array(vals, dtype=np.int64)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must hold integers, not {arr.dtype}")
     if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
@@ -346,7 +358,8 @@ class TransferEngine:
                 self.provider, self._nic_names[0] if self._nic_names else None,
                 delivery_complete=self._delivery_complete, msg_size=self._msg_size,
                 msg_count=self._msg_count, cpu=self._cpu, max_chunk=self._max_chunk,
-                tx_depth=self._tx_depth)
+                tx_depth=self._tx_depth,
+                wait_fd=PROVIDER_DEFAULTS.get(self.provider, {}).get("wait_fd", True))
         except _core.CoreError as exc:
             raise TransferError(f"cannot open provider {self.provider!r}", op="start",
                                 provider_text=str(exc), code=exc.code) from None
@@ -501,7 +514,10 @@ class TransferEngine:
         elif isinstance(dst, MemoryRegion):
             region = dst.remote
         elif isinstance(dst, (bytes, bytearray, memoryview)):
-            region = RemoteRegion.from_bytes(bytes(dst))
+            try:
+                region = RemoteRegion.from_bytes(bytes(dst))
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
         else:
             raise TypeError(f"{name} must be a RemoteRegion or descriptor bytes, "
                             f"not {type(dst).__name__}")

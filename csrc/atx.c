@@ -38,6 +38,7 @@
 #define ATX_SLEEP_MAX_NS 1000000ULL   /* longest sleep of an idle poller (1 ms) */
 #define ATX_BLOCK_MS 100              /* safety timer of a blocked worker */
 #define ATX_APP_QUIET_NS 20000ULL     /* app progressed this recently: let it drive */
+#define ATX_DRAIN_NS 2000000000ULL    /* close: wait this long for posted requests */
 
 /* ------------------------------------------------------------------ ops */
 
@@ -118,6 +119,9 @@ typedef struct atx_nic {
     struct fid_cq *cq;
     struct fid_av *av;
     int cq_fd;                        /* -1: must be polled */
+    /* With 8 bytes of CQ data, bit 32 marks a user immediate; writes
+     * without one may carry data 0 (an activity marker, see post_one). */
+    uint64_t imm_flag;
     atx_nic_info pub;
     /* receive buffers */
     char *rx_block;
@@ -890,7 +894,13 @@ static int post_one(atx_engine *e, atx_op *op) {
         msg.context = c;
         if (with_imm) {
             flags |= FI_REMOTE_CQ_DATA;
-            msg.data = op->imm;
+            msg.data = n->imm_flag | op->imm;
+        } else if (n->imm_flag && n->pub.data_progress_manual) {
+            /* an "activity" completion without the immediate flag: a
+             * manual-progress target sees work and keeps polling while the
+             * bytes stream in (the receiver does not count it) */
+            flags |= FI_REMOTE_CQ_DATA;
+            msg.data = 0;
         }
         /* Zero-byte writes place nothing; shm 1.17 never completes them
          * under FI_DELIVERY_COMPLETE, so they use the default completion. */
@@ -1000,7 +1010,8 @@ static void handle_tx_done(atx_engine *e, atx_nic *n, atx_ctx *c, int status, in
 static void handle_rx(atx_engine *e, atx_nic *n, struct fi_cq_data_entry *ce) {
     atx_ctx *c = ce->op_context;
     if (ce->flags & FI_REMOTE_WRITE) {
-        if (ce->flags & FI_REMOTE_CQ_DATA) {
+        if ((ce->flags & FI_REMOTE_CQ_DATA) &&
+            (!n->imm_flag || (ce->data & n->imm_flag))) {
             n->stats.imms_received++;
             imm_arrived(e, (uint32_t)ce->data);
         }
@@ -1140,12 +1151,30 @@ out:
     pthread_mutex_unlock(&e->sub_lock);
 }
 
-/* Close the endpoints (after this no NIC touches any buffer), then fail
+/* Stop: post nothing more, let the work requests already posted finish
+ * (bounded by ATX_DRAIN_NS: a peer that is alive answers quickly; the shm
+ * provider touches a peer's mapped region until its requests complete),
+ * close the endpoints (after this no NIC touches any buffer), then fail
  * every operation that has not completed. */
 static void shutdown_worker(atx_engine *e) {
     atx_op *op, *list;
+    uint64_t deadline = now_ns() + ATX_DRAIN_NS;
     pthread_mutex_lock(&e->prog_lock);
     e->dead = 1;
+    for (op = e->post_head; op; op = op->next) {
+        op->in_post_q = 0;
+        op_fail(op, -FI_ECANCELED, 0, "engine closed");
+    }
+    e->post_head = e->post_tail = NULL;
+    for (;;) {
+        int busy = 0;
+        for (int i = 0; i < e->nnics; i++) {
+            poll_cq(e, &e->nics[i], 4);
+            busy |= e->nics[i].tx_used > 0;
+        }
+        if (!busy || now_ns() > deadline) break;
+        sched_yield();
+    }
     for (int i = 0; i < e->nnics; i++) {
         if (e->nics[i].ep) {
             fi_close(&e->nics[i].ep->fid);
@@ -1260,8 +1289,8 @@ static int open_nic(atx_engine *e, atx_nic *n, struct fi_info *info, char *err, 
     memset(&cq_attr, 0, sizeof(cq_attr));
     cq_attr.format = FI_CQ_FORMAT_DATA;
     cq_attr.size = info->tx_attr->size + info->rx_attr->size + (size_t)e->cfg.msg_count + 64;
-    cq_attr.wait_obj = FI_WAIT_FD;
-    rc = fi_cq_open(n->domain, &cq_attr, &n->cq, NULL);
+    cq_attr.wait_obj = e->cfg.no_wait_fd ? FI_WAIT_NONE : FI_WAIT_FD;
+    rc = e->cfg.no_wait_fd ? -FI_ENOSYS : fi_cq_open(n->domain, &cq_attr, &n->cq, NULL);
     if (rc == 0) {
         int fd = -1;
         if (fi_control(&n->cq->fid, FI_GETWAIT, &fd) == 0 && fd >= 0) {
@@ -1309,6 +1338,7 @@ static int open_nic(atx_engine *e, atx_nic *n, struct fi_info *info, char *err, 
     n->pub.rx_cq_data = (info->mode & FI_RX_CQ_DATA) != 0;
     n->pub.delivery_complete = e->cfg.delivery_complete;
     n->pub.data_progress_manual = info->domain_attr->data_progress == FI_PROGRESS_MANUAL;
+    n->imm_flag = n->pub.cq_data_size >= 8 ? (1ULL << 32) : 0;
 
     /* transmit contexts: bound the WRs in flight by the queue depth */
     n->tx_depth = info->tx_attr->size ? info->tx_attr->size : 256;

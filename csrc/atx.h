@@ -49,6 +49,7 @@ typedef struct atx_config {
     int cpu;                  /* pin the worker to this CPU, -1: no pinning */
     size_t max_chunk;         /* split single writes into chunks of at most this */
     size_t tx_depth;          /* work requests in flight per NIC, 0: provider's queue size */
+    int no_wait_fd;           /* never block on the CQ's wait fd: poll with backoff */
 } atx_config;
 
 typedef struct atx_nic_info {

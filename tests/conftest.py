@@ -2,12 +2,19 @@
 
 * ``provider`` -- parametrized over the libfabric providers the suite covers
   ("tcp", "shm", "udp", "sockets").  Each provider is probed once per session
-  in a subprocess (two engines, one write with an immediate, one message); a
-  provider that does not work here is skipped with the probe's reason.
+  in a subprocess (two engines, one write with an immediate, one message).  A
+  provider that cannot be opened here is skipped with the probe's reason; one
+  that opens but cannot move data fails each test at once with the probe's
+  error (a broken build must not look like a skipped provider).
+  ``--providers=tcp,shm`` restricts the run.
+* ``basic_provider`` -- one working provider for provider-independent checks.
 * ``make_engine`` -- async factory of started engines.  Engines of every
   provider except shm are opened on the loopback NIC only (``nics=["lo"]``)
   and their endpoint names are checked to be 127.0.0.0/8 addresses.  Every
   engine is closed at teardown and checked to be closed.
+* ``children`` -- spawned child processes ("spawn" context, duplex Pipe);
+  joined, or killed, at teardown; a crashed/killed shm child's /dev/shm
+  region is removed.
 * ``seed`` / ``rng`` -- reproducible randomness; the seed is reported with
   every failure (set ``AIOTRANSFER_TEST_SEED`` to change the base seed).
 * ``_loop_guard`` (autouse) -- fails a test whose event loop's exception
@@ -32,7 +39,7 @@ import pytest_asyncio
 
 import aiotransfer
 
-from support import check_loopback_address, nics_for
+from support import check_loopback_address, nics_for, remove_shm_leftovers
 
 PROVIDERS = ("tcp", "shm", "udp", "sockets")
 BASE_SEED = int(os.environ.get("AIOTRANSFER_TEST_SEED", "20240601"))
@@ -227,6 +234,8 @@ class Children:
                 problems.append(f"child {proc.pid} still running at teardown: killed")
                 proc.kill()
                 proc.join(10)
+            if proc.exitcode != 0:
+                remove_shm_leftovers(proc.pid)
             conn.close()
         self.procs.clear()
         return problems

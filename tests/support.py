@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import asyncio
+import glob
+import os
 import socket
 import struct
 import time
@@ -35,6 +37,16 @@ def check_loopback_address(address: bytes) -> None:
             assert ip == "::1", f"engine endpoint {ip} is not on loopback"
         else:
             raise AssertionError(f"engine endpoint name {name.hex()} is not a socket address")
+
+
+def remove_shm_leftovers(pid: int) -> None:
+    """A shm engine's process that was killed or crashed cannot unlink its
+    shared-memory region (/dev/shm/<pid>:<n>:<m>); the parent does."""
+    for path in glob.glob(f"/dev/shm/{pid}:*"):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def random_bytes(rng: np.random.Generator, n: int) -> np.ndarray:

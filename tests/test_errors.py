@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import aiotransfer
-from aiotransfer import RemoteRegion, ScatterTarget, TransferError
+from aiotransfer import ScatterTarget, TransferError
 
 from conftest import require_provider
 from support import nics_for, settle

@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import numpy as np
 import pytest
 
 from support import assert_bytes, random_bytes, settle, wait_arrivals

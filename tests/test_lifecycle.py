@@ -11,7 +11,7 @@ import aiotransfer
 from aiotransfer import EngineClosedError, ScatterTarget, TransferError
 
 import peers
-from support import MAX_TRANSFER, MiB, assert_bytes, nics_for, random_bytes, settle
+from support import MAX_TRANSFER, MiB, assert_bytes, nics_for, random_bytes
 
 
 async def test_start_close_and_context_manager(provider):

@@ -4,17 +4,15 @@ every immediate count and every message itself."""
 from __future__ import annotations
 
 import asyncio
-import glob
-import os
 
 import numpy as np
 import pytest
 
-import aiotransfer
-from aiotransfer import EngineClosedError, TransferError
+from aiotransfer import TransferError
 
 import peers
-from support import KiB, MAX_TRANSFER, MiB, assert_bytes, random_bytes, settle
+from support import (KiB, MAX_TRANSFER, MiB, assert_bytes, random_bytes, remove_shm_leftovers,
+                     settle)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -35,12 +33,6 @@ async def join(proc, timeout: float = 60.0) -> int:
     await asyncio.to_thread(proc.join, timeout)
     assert proc.exitcode is not None, f"child {proc.pid} did not exit"
     return proc.exitcode
-
-
-def remove_shm_leftovers(pid: int) -> None:
-    """A SIGKILLed shm process cannot unlink its shared-memory region; we do."""
-    for path in glob.glob(f"/dev/shm/{pid}:*"):
-        os.unlink(path)
 
 
 def _random_ops(pb: peers.PlanBuilder, rng, rcv: int, region: int, n_writes: int) -> None:
