@@ -110,6 +110,7 @@ cdef extern from "atx.h" nogil:
     void atx_imm_value(atx_engine *e, uint32_t imm, uint64_t *available, uint64_t *total)
 
     size_t atx_progress(atx_engine *e)
+    void atx_app_polling(atx_engine *e, int on)
     int atx_pending(atx_engine *e)
     size_t atx_drain(atx_engine *e, atx_record *out, size_t max)
     void atx_engine_stats(atx_engine *e, int nic, atx_stats *out)

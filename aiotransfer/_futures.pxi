@@ -205,6 +205,11 @@ cdef class Completions:
         self.dispatch(False)
         return True
 
+    def polling(self, bint on):
+        """Tell the worker the loop thread busy-polls (it stands back)."""
+        if self.core.e != NULL and not self.closed:
+            atx_app_polling(self.core.e, on)
+
     # -------------------------------------------------------------- dispatch
 
     def _on_readable(self):

@@ -103,13 +103,13 @@ async def _server(provider: str, mode: str, size: int, window: int, iters: int, 
         peer_desc = conn.recv()
         res: dict[str, Any] = {}
         if mode == "lat":
-            w = None
+            # like fi_rawbench: wait only for the immediate; the writes'
+            # own completions are collected at the end
+            writes = []
             for _ in range(warmup + iters):
                 await eng.expect_imm(IMM_PING, 1)
-                if w is not None:
-                    await w
-                w = eng.write(back, peer_desc, length=8, imm=IMM_PONG)
-            await w
+                writes.append(eng.write(back, peer_desc, length=8, imm=IMM_PONG))
+            await asyncio.gather(*writes)
         else:
             await eng.expect_imm(IMM_DATA, warmup, timeout=300)
             c0 = _cpu()
@@ -148,13 +148,14 @@ async def _client(provider: str, mode: str, size: int, window: int, iters: int, 
         out: dict[str, Any] = {}
         if mode == "lat":
             rtts = []
+            writes = []
             for i in range(warmup + iters):
                 t = time.perf_counter()
-                w = eng.write(mr, dst, length=8, imm=IMM_PING)
+                writes.append(eng.write(mr, dst, length=8, imm=IMM_PING))
                 await eng.expect_imm(IMM_PONG, 1)
-                await w
                 if i >= warmup:
                     rtts.append(time.perf_counter() - t)
+            await asyncio.gather(*writes)
             rtts.sort()
             out["lat_us_median"] = statistics.median(rtts) / 2 * 1e6
             out["lat_us_p99"] = rtts[int(len(rtts) * 0.99) - 1] / 2 * 1e6

@@ -145,7 +145,7 @@ struct atx_engine {
 
     pthread_t thread;
     int thread_started;
-    int stop;                          /* set under sub_lock */
+    int stop;                          /* atomic */
     int stopped;                       /* worker exited */
 
     /* The progress lock serializes every libfabric call and the op state
@@ -157,9 +157,11 @@ struct atx_engine {
     int dead;                          /* endpoints closed: no more posting */
 
     /* submission queue */
-    pthread_mutex_t sub_lock;
-    atx_op *sub_head, *sub_tail;
+    /* the worker's sleep: it announces it (seq_cst) and re-checks
+     * `submitted`; a poster bumps `submitted` and then reads `sleeping` */
     int sleeping;
+    uint64_t submitted;
+    int app_polling;                   /* the app thread busy-polls: stand back */
     int wake_fd;
 
     /* worker-private */
@@ -428,31 +430,19 @@ static void accept_op(atx_engine *e, atx_op *op);
 static size_t progress_once(atx_engine *e, int rounds);
 
 static int submit(atx_engine *e, atx_op *op) {
-    int wake;
-    if (pthread_mutex_trylock(&e->prog_lock) == 0) {
-        /* nobody is progressing: post inline from the caller's thread */
-        if (e->dead) {
-            pthread_mutex_unlock(&e->prog_lock);
-            return -FI_ESHUTDOWN;
-        }
-        accept_op(e, op);
-        progress_once(e, 1);
-        e->app_ts = now_ns();
+    /* Post inline from the caller's thread: the worker holds the lock only
+     * for short rounds of progress, and never needs the caller's GIL. */
+    pthread_mutex_lock(&e->prog_lock);
+    if (e->dead) {
         pthread_mutex_unlock(&e->prog_lock);
-        return 0;
-    }
-    pthread_mutex_lock(&e->sub_lock);
-    if (e->stop) {
-        pthread_mutex_unlock(&e->sub_lock);
         return -FI_ESHUTDOWN;
     }
-    op->next = NULL;
-    if (e->sub_tail) e->sub_tail->next = op; else e->sub_head = op;
-    e->sub_tail = op;
-    wake = e->sleeping;
-    e->sleeping = 0;
-    pthread_mutex_unlock(&e->sub_lock);
-    if (wake) wake_worker(e);
+    accept_op(e, op);
+    progress_once(e, 1);
+    e->app_ts = now_ns();
+    pthread_mutex_unlock(&e->prog_lock);
+    __atomic_add_fetch(&e->submitted, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&e->sleeping, __ATOMIC_SEQ_CST)) wake_worker(e);
     return 0;
 }
 
@@ -956,20 +946,6 @@ static size_t post_pending(atx_engine *e) {
     return posted;
 }
 
-static void take_submissions(atx_engine *e) {
-    atx_op *list, *op;
-    /* unlocked peek: a submission missed here is seen on the next round */
-    if (!__atomic_load_n(&e->sub_head, __ATOMIC_ACQUIRE)) return;
-    pthread_mutex_lock(&e->sub_lock);
-    list = e->sub_head;
-    e->sub_head = e->sub_tail = NULL;
-    pthread_mutex_unlock(&e->sub_lock);
-    while ((op = list)) {
-        list = op->next;
-        accept_op(e, op);
-    }
-}
-
 static void accept_op(atx_engine *e, atx_op *op) {
     e->nics[op->nic].stats.ops_posted++;
     live_add(e, op);
@@ -1085,12 +1061,20 @@ static size_t poll_cq(atx_engine *e, atx_nic *n, int rounds) {
  * publish the records.  Called with prog_lock held. */
 static size_t progress_once(atx_engine *e, int rounds) {
     size_t work = 0;
-    take_submissions(e);
     work += post_pending(e);
     for (int i = 0; i < e->nnics; i++) work += poll_cq(e, &e->nics[i], rounds);
     work += post_pending(e);
     batch_flush(e);
     return work;
+}
+
+void atx_app_polling(atx_engine *e, int on) {
+    __atomic_store_n(&e->app_polling, on, __ATOMIC_SEQ_CST);
+    if (!on) {
+        /* the app stops polling: the worker must take over now */
+        __atomic_add_fetch(&e->submitted, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&e->sleeping, __ATOMIC_SEQ_CST)) wake_worker(e);
+    }
 }
 
 size_t atx_progress(atx_engine *e) {
@@ -1110,13 +1094,11 @@ static void worker_sleep(atx_engine *e, uint64_t timeout_ns, int use_cq_fds) {
     struct pollfd pfd[ATX_MAX_NICS + 1];
     int nfd = 0;
     struct timespec ts;
-    pthread_mutex_lock(&e->sub_lock);
-    if (e->sub_head || e->stop) {
-        pthread_mutex_unlock(&e->sub_lock);
-        return;
-    }
-    e->sleeping = 1;
-    pthread_mutex_unlock(&e->sub_lock);
+    uint64_t seen = __atomic_load_n(&e->submitted, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&e->sleeping, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&e->stop, __ATOMIC_SEQ_CST) ||
+        __atomic_load_n(&e->submitted, __ATOMIC_SEQ_CST) != seen)
+        goto out;   /* something was posted meanwhile: look at it first */
 
     pfd[nfd].fd = e->wake_fd;
     pfd[nfd].events = POLLIN;
@@ -1146,9 +1128,7 @@ out:
         ssize_t r = read(e->wake_fd, &v, sizeof(v));
         (void)r;
     }
-    pthread_mutex_lock(&e->sub_lock);
-    e->sleeping = 0;
-    pthread_mutex_unlock(&e->sub_lock);
+    __atomic_store_n(&e->sleeping, 0, __ATOMIC_SEQ_CST);
 }
 
 /* Stop: post nothing more, let the work requests already posted finish
@@ -1157,7 +1137,7 @@ out:
  * close the endpoints (after this no NIC touches any buffer), then fail
  * every operation that has not completed. */
 static void shutdown_worker(atx_engine *e) {
-    atx_op *op, *list;
+    atx_op *op;
     uint64_t deadline = now_ns() + ATX_DRAIN_NS;
     pthread_mutex_lock(&e->prog_lock);
     e->dead = 1;
@@ -1188,16 +1168,6 @@ static void shutdown_worker(atx_engine *e) {
         op_complete(e, op);
     }
     e->post_head = e->post_tail = NULL;
-    pthread_mutex_lock(&e->sub_lock);
-    list = e->sub_head;
-    e->sub_head = e->sub_tail = NULL;
-    pthread_mutex_unlock(&e->sub_lock);
-    while ((op = list)) {
-        list = op->next;
-        live_add(e, op);
-        op_fail(op, -FI_ECANCELED, 0, "engine closed");
-        op_complete(e, op);
-    }
     batch_flush(e);
     pthread_mutex_unlock(&e->prog_lock);
 }
@@ -1233,6 +1203,11 @@ static void *worker_main(void *arg) {
         uint64_t t, app_ts;
         int busy;
         if (__atomic_load_n(&e->stop, __ATOMIC_ACQUIRE)) break;
+        if (__atomic_load_n(&e->app_polling, __ATOMIC_SEQ_CST)) {
+            /* woken when the application stops polling */
+            worker_sleep(e, ATX_SLEEP_MAX_NS, 0);
+            continue;
+        }
         if (pthread_mutex_trylock(&e->prog_lock) != 0) {
             /* the application is progressing inline right now */
             worker_sleep(e, ATX_SLEEP_MIN_NS, 0);
@@ -1459,7 +1434,6 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     e->spin_ns = getenv("AIOTRANSFER_SPIN_US") ? strtoull(getenv("AIOTRANSFER_SPIN_US"), NULL, 10) * 1000ULL : ATX_SPIN_NS;
     e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    pthread_mutex_init(&e->sub_lock, NULL);
     pthread_mutex_init(&e->prog_lock, NULL);
     pthread_mutex_init(&e->rec_lock, NULL);
     pthread_mutex_init(&e->imm_lock, NULL);
@@ -1498,13 +1472,7 @@ int atx_engine_getname(atx_engine *e, int nic, void *buf, size_t *len) {
 }
 
 void atx_engine_stop(atx_engine *e) {
-    pthread_mutex_lock(&e->sub_lock);
-    if (e->stop) {
-        pthread_mutex_unlock(&e->sub_lock);
-        return;
-    }
-    __atomic_store_n(&e->stop, 1, __ATOMIC_RELEASE);
-    pthread_mutex_unlock(&e->sub_lock);
+    if (__atomic_exchange_n(&e->stop, 1, __ATOMIC_SEQ_CST)) return;
     wake_worker(e);
     if (e->thread_started) {
         pthread_join(e->thread, NULL);
@@ -1534,7 +1502,6 @@ void atx_engine_destroy(atx_engine *e) {
     }
     if (e->wake_fd >= 0) close(e->wake_fd);
     if (e->notify_fd >= 0) close(e->notify_fd);
-    pthread_mutex_destroy(&e->sub_lock);
     pthread_mutex_destroy(&e->prog_lock);
     pthread_mutex_destroy(&e->rec_lock);
     pthread_mutex_destroy(&e->imm_lock);

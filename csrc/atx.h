@@ -151,6 +151,9 @@ void atx_imm_value(atx_engine *e, uint32_t imm, uint64_t *available, uint64_t *t
 /* --- completions --- */
 /* Progress from the calling thread if nobody else is (non-blocking). */
 size_t atx_progress(atx_engine *e);
+/* The application thread starts/stops busy-polling (atx_progress in a loop):
+ * the worker stands back meanwhile and is woken when it stops. */
+void atx_app_polling(atx_engine *e, int on);
 /* Are records waiting to be drained? */
 int atx_pending(atx_engine *e);
 /* Move up to max records into out; returns the count.  Clears the eventfd. */
