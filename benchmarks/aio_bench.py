@@ -47,6 +47,22 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _thread_cpu() -> dict:
+    """CPU seconds per thread of this process (diagnostics)."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        out[f"{name}:{tid}"] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def _now() -> float:
     # both processes read the same CLOCK_MONOTONIC (as fi_rawbench.c does)
     return time.clock_gettime(time.CLOCK_MONOTONIC)
@@ -128,6 +144,7 @@ async def _server(provider: str, mode: str, size: int, window: int, iters: int, 
                 ok &= got == src_bytes
             res["verified"] = ok
         res["stats_server"] = eng.stats()[0]
+        res["threads_server"] = _thread_cpu()
         conn.send(res)
         conn.recv()  # client done
         eng.deregister(mr)
@@ -221,6 +238,7 @@ async def _client(provider: str, mode: str, size: int, window: int, iters: int, 
             last = [((n - 1 - k) % slots) * size for k in range(min(slots, n))]
             conn.send([(src[o:o + size].tobytes(), o) for o in last[:64]])
         out["stats_client"] = eng.stats()[0]
+        out["threads_client"] = _thread_cpu()
         srv = conn.recv()
         conn.send("done")
         eng.deregister(mr)
@@ -259,6 +277,8 @@ def run_aio(provider: str, mode: str, size: int, window: int, iters: int, *,
                            "size": size, "window": window, "iters": iters, "pages": pages,
                            "delivery_complete": delivery_complete}
     res["stats_client"] = out.get("stats_client")
+    res["threads_client"] = out.get("threads_client")
+    res["threads_server"] = out.get("threads_server")
     res["stats_server"] = out.get("stats_server")
     if mode == "lat":
         res["lat_us_median"] = out["lat_us_median"]

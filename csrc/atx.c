@@ -133,6 +133,7 @@ typedef struct atx_nic {
     atx_ctx *tx_ctx;
     atx_ctx *tx_free;
     size_t tx_depth, tx_used;
+    int tx_blocked;                   /* -FI_EAGAIN seen: no retry before a CQ poll */
     atx_stats stats;
 } atx_nic;
 
@@ -162,6 +163,7 @@ struct atx_engine {
     int sleeping;
     uint64_t submitted;
     int app_polling;                   /* the app thread busy-polls: stand back */
+    uint64_t app_quiet_ns;             /* app progressed this recently: let it drive */
     int wake_fd;
 
     /* worker-private */
@@ -427,7 +429,9 @@ static void wake_worker(atx_engine *e) {
 }
 
 static void accept_op(atx_engine *e, atx_op *op);
-static size_t progress_once(atx_engine *e, int rounds);
+static size_t post_pending(atx_engine *e);
+static size_t poll_cq(atx_engine *e, struct atx_nic *n, int rounds);
+static void batch_flush(atx_engine *e);
 
 static int submit(atx_engine *e, atx_op *op) {
     /* Post inline from the caller's thread: the worker holds the lock only
@@ -438,7 +442,12 @@ static int submit(atx_engine *e, atx_op *op) {
         return -FI_ESHUTDOWN;
     }
     accept_op(e, op);
-    progress_once(e, 1);
+    if (post_pending(e) == 0 && e->post_head) {
+        /* back-pressure or full queue: progress once, then try again */
+        for (int i = 0; i < e->nnics; i++) poll_cq(e, &e->nics[i], 1);
+        post_pending(e);
+    }
+    batch_flush(e);
     e->app_ts = now_ns();
     pthread_mutex_unlock(&e->prog_lock);
     __atomic_add_fetch(&e->submitted, 1, __ATOMIC_SEQ_CST);
@@ -915,7 +924,9 @@ static size_t post_pending(atx_engine *e) {
     size_t posted = 0;
     while (e->post_head) {
         atx_op *op = e->post_head;
-        int more = op->status == 0 &&
+        int more;
+        if (e->nics[op->nic].tx_blocked) break;
+        more = op->status == 0 &&
                    (op->next_wr < op->nwr || op->tail_imm == 2);
         if (more && op->tail_imm == 1 && op->next_wr == op->nwr) more = 0;
         if (more) {
@@ -927,6 +938,7 @@ static size_t post_pending(atx_engine *e) {
             if (rc == 1) break;
             if (rc == -FI_EAGAIN) {
                 e->nics[op->nic].stats.eagain++;
+                e->nics[op->nic].tx_blocked = 1;
                 break;
             }
             {
@@ -1014,6 +1026,7 @@ static void handle_rx(atx_engine *e, atx_nic *n, struct fi_cq_data_entry *ce) {
 static size_t poll_cq(atx_engine *e, atx_nic *n, int rounds) {
     struct fi_cq_data_entry ents[ATX_CQ_BATCH];
     size_t total = 0;
+    n->tx_blocked = 0;   /* this poll progressed the provider: posting may go on */
     for (int round = 0; round < rounds; round++) {
         ssize_t got = fi_cq_read(n->cq, ents, ATX_CQ_BATCH);
         n->stats.polls++;
@@ -1225,8 +1238,8 @@ static void *worker_main(void *arg) {
             sleep_ns = ATX_SLEEP_MIN_NS;
             continue;
         }
-        if (t - app_ts < ATX_APP_QUIET_NS) {
-            worker_sleep(e, ATX_SLEEP_MIN_NS, 0);
+        if (t - app_ts < e->app_quiet_ns) {
+            worker_sleep(e, e->app_quiet_ns, 0);
             continue;
         }
         if (t - last_activity < e->spin_ns) {
@@ -1431,6 +1444,7 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     if (e->cfg.msg_size == 0) e->cfg.msg_size = 65536;
     if (e->cfg.msg_count <= 0) e->cfg.msg_count = 64;
     e->next_key = 1;
+    e->app_quiet_ns = getenv("ATX_QUIET_US") ? strtoull(getenv("ATX_QUIET_US"), NULL, 10) * 1000ULL : ATX_APP_QUIET_NS;
     e->spin_ns = getenv("AIOTRANSFER_SPIN_US") ? strtoull(getenv("AIOTRANSFER_SPIN_US"), NULL, 10) * 1000ULL : ATX_SPIN_NS;
     e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

@@ -256,7 +256,7 @@ def writer_main(conn, provider: str, how: str, seed: int) -> None:
 
 
 async def _writer(conn, provider: str, how: str, seed: int) -> None:
-    # a tiny queue keeps most of the 200 writes queued when we close
+    # a tiny queue keeps most of the 2000 writes queued when we close
     engine = aiotransfer.TransferEngine(provider=provider, nics=nics_for(provider),
                                         tx_depth=2 if how == "close" else None)
     await engine.start()
@@ -266,12 +266,12 @@ async def _writer(conn, provider: str, how: str, seed: int) -> None:
         kind, desc = await pipe_recv(conn)
         assert kind == "target", kind
         await engine.write(smr, desc, imm=1)  # connected, one complete write
-        futs = [engine.write(smr, desc, imm=2) for _ in range(200)]
+        futs = [engine.write(smr, desc, imm=2) for _ in range(2000)]
         conn.send(("writing", None))
         if how == "kill":
             await asyncio.sleep(STEP_TIMEOUT)  # the parent kills us meanwhile
             return
-        await asyncio.sleep(0.002)
+        await asyncio.sleep(0)   # let the loop run once: some are posted, most queued
         await engine.close()
         results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 30)
         bad = [r for r in results if not (r is None or isinstance(r, EngineClosedError))]

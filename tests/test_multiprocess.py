@@ -116,7 +116,7 @@ async def test_cross_process_scatter_and_barrier(make_engine, children, provider
 @pytest.mark.parametrize("how", ["close", "kill"])
 async def test_cross_process_sender_goes_away_mid_flight(make_engine, children, provider, how,
                                                          rng, seed):
-    """A writer process closes its engine (or is SIGKILLed) with 200 writes
+    """A writer process closes its engine (or is SIGKILLed) with 2000 writes
     in flight to us.  Its futures end with EngineClosedError (close); our
     engine survives and still receives from a new writer."""
     target = await make_engine(provider)
