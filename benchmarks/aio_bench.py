@@ -73,31 +73,43 @@ def _fill(buf: np.ndarray, seed: int) -> None:
 
 
 class _windowed:
-    """Issue calls with at most `window` awaitables in flight (O(1) per completion)."""
+    """Issue calls keeping at most `window` awaitables in flight; refill when
+    half of them completed (one wake-up of the issuer per half window, as a
+    real pipeline would do).  Every call's own future is awaited through its
+    done-callback, so each write still has its own awaitable."""
 
     def __init__(self, calls) -> None:
         self.calls = calls
 
     async def __call__(self, window: int) -> None:
-        sem = asyncio.Semaphore(window)
+        loop = asyncio.get_running_loop()
+        state = {"inflight": 0, "waiter": None}
         errors: list = []
-        pending: set = set()
+        low = window // 2
 
         def done(f: asyncio.Future) -> None:
-            pending.discard(f)
-            sem.release()
+            state["inflight"] -= 1
             if not f.cancelled() and f.exception() is not None:
                 errors.append(f.exception())
+            w = state["waiter"]
+            if w is not None and state["inflight"] <= low and not w.done():
+                w.set_result(None)
 
         for fn, args, kw in self.calls:
-            await sem.acquire()
+            if state["inflight"] >= window:
+                state["waiter"] = loop.create_future()
+                await state["waiter"]
+                state["waiter"] = None
             if errors:
                 raise errors[0]
             f = fn(*args, **kw)
-            pending.add(f)
+            state["inflight"] += 1
             f.add_done_callback(done)
-        for _ in range(window):
-            await sem.acquire()
+        low = 0
+        while state["inflight"]:
+            state["waiter"] = loop.create_future()
+            await state["waiter"]
+            state["waiter"] = None
         if errors:
             raise errors[0]
 

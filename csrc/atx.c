@@ -39,6 +39,8 @@
 #define ATX_BLOCK_MS 100              /* safety timer of a blocked worker */
 #define ATX_APP_QUIET_NS 20000ULL     /* app progressed this recently: let it drive */
 #define ATX_DRAIN_NS 2000000000ULL    /* close: wait this long for posted requests */
+#define ATX_COALESCE_NS 25000ULL      /* hold a wake-up back at most this long */
+#define ATX_COALESCE_MAX 64           /* ...or until this many records wait */
 
 /* ------------------------------------------------------------------ ops */
 
@@ -179,6 +181,9 @@ struct atx_engine {
     atx_record *recs;
     size_t rec_head, rec_n, rec_cap;
     int notified;
+    uint64_t deferred;                 /* when a wake-up was first held back, 0: none */
+    uint64_t coalesce_ns;              /* hold a wake-up back at most this long */
+    int batch_urgent;                  /* the batch holds a waiter or message record */
     int notify_fd;
 
     uint64_t spin_ns;
@@ -212,10 +217,14 @@ static void batch_push(atx_engine *e, const atx_record *r) {
         e->batch_cap = cap;
     }
     e->batch[e->batch_n++] = *r;
+    if (r->kind != ATX_REC_OP) e->batch_urgent = 1;
 }
 
-/* Append records to the shared queue; wake the loop once per burst. */
-static void rec_publish(atx_engine *e, const atx_record *r, size_t n) {
+/* Append records to the shared queue; wake the loop once per burst.
+ * Not urgent (completions of writes while more are in flight): the wake-up
+ * may be held back up to coalesce_ns, or until ATX_COALESCE_MAX records
+ * wait, so that one wake-up resolves many futures. */
+static void rec_publish(atx_engine *e, const atx_record *r, size_t n, int urgent) {
     int wake = 0;
     if (!n) return;
     pthread_mutex_lock(&e->rec_lock);
@@ -237,7 +246,15 @@ static void rec_publish(atx_engine *e, const atx_record *r, size_t n) {
     }
     memcpy(e->recs + e->rec_n, r, n * sizeof(*r));
     e->rec_n += n;
-    if (!e->notified) { e->notified = 1; wake = 1; }
+    if (!e->notified) {
+        if (urgent || !e->coalesce_ns || e->rec_n - e->rec_head >= ATX_COALESCE_MAX) {
+            e->notified = 1;
+            e->deferred = 0;
+            wake = 1;
+        } else if (!e->deferred) {
+            e->deferred = now_ns();
+        }
+    }
     pthread_mutex_unlock(&e->rec_lock);
     if (wake) {
         uint64_t one = 1;
@@ -247,8 +264,30 @@ static void rec_publish(atx_engine *e, const atx_record *r, size_t n) {
 }
 
 static void batch_flush(atx_engine *e) {
-    rec_publish(e, e->batch, e->batch_n);
+    int urgent = e->batch_urgent || e->post_head == NULL;
+    for (int i = 0; i < e->nnics && urgent && !e->batch_urgent; i++)
+        if (e->nics[i].tx_used) urgent = 0;   /* more completions are coming */
+    rec_publish(e, e->batch, e->batch_n, urgent);
     e->batch_n = 0;
+    e->batch_urgent = 0;
+}
+
+/* Wake the loop for records held back long enough (or now, if force). */
+static void rec_notify_due(atx_engine *e, int force) {
+    int wake = 0;
+    if (!__atomic_load_n(&e->deferred, __ATOMIC_RELAXED)) return;
+    pthread_mutex_lock(&e->rec_lock);
+    if (!e->notified && e->deferred && (force || now_ns() - e->deferred >= e->coalesce_ns)) {
+        e->notified = 1;
+        e->deferred = 0;
+        wake = 1;
+    }
+    pthread_mutex_unlock(&e->rec_lock);
+    if (wake) {
+        uint64_t one = 1;
+        ssize_t w = write(e->notify_fd, &one, sizeof(one));
+        (void)w;
+    }
 }
 
 int atx_pending(atx_engine *e) {
@@ -272,6 +311,7 @@ size_t atx_drain(atx_engine *e, atx_record *out, size_t max) {
     if (e->rec_head == e->rec_n) {
         e->rec_head = e->rec_n = 0;
         e->notified = 0;
+        e->deferred = 0;
     }
     pthread_mutex_unlock(&e->rec_lock);
     return n;
@@ -395,7 +435,7 @@ int atx_imm_cancel(atx_engine *e, uint32_t imm, uint64_t id) {
         if (found) counter_fire(e, c, fired, &n, 64);
     }
     pthread_mutex_unlock(&e->imm_lock);
-    rec_publish(e, fired, n);
+    rec_publish(e, fired, n, 1);
     return found;
 }
 
@@ -408,7 +448,7 @@ void atx_imm_credit(atx_engine *e, uint32_t imm, uint64_t nback) {
     c->avail += nback;
     counter_fire(e, c, fired, &n, 64);
     pthread_mutex_unlock(&e->imm_lock);
-    rec_publish(e, fired, n);
+    rec_publish(e, fired, n, 1);
 }
 
 void atx_imm_value(atx_engine *e, uint32_t imm, uint64_t *avail, uint64_t *total) {
@@ -1108,6 +1148,7 @@ static void worker_sleep(atx_engine *e, uint64_t timeout_ns, int use_cq_fds) {
     int nfd = 0;
     struct timespec ts;
     uint64_t seen = __atomic_load_n(&e->submitted, __ATOMIC_SEQ_CST);
+    rec_notify_due(e, 1);   /* never sleep on a held-back wake-up */
     __atomic_store_n(&e->sleeping, 1, __ATOMIC_SEQ_CST);
     if (__atomic_load_n(&e->stop, __ATOMIC_SEQ_CST) ||
         __atomic_load_n(&e->submitted, __ATOMIC_SEQ_CST) != seen)
@@ -1227,6 +1268,7 @@ static void *worker_main(void *arg) {
             continue;
         }
         work = progress_once(e, 64);
+        rec_notify_due(e, 0);
         app_ts = e->app_ts;
         busy = e->post_head != NULL;
         for (int i = 0; i < e->nnics; i++) busy |= e->nics[i].tx_used > 0;
@@ -1444,7 +1486,8 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     if (e->cfg.msg_size == 0) e->cfg.msg_size = 65536;
     if (e->cfg.msg_count <= 0) e->cfg.msg_count = 64;
     e->next_key = 1;
-    e->app_quiet_ns = getenv("ATX_QUIET_US") ? strtoull(getenv("ATX_QUIET_US"), NULL, 10) * 1000ULL : ATX_APP_QUIET_NS;
+    e->coalesce_ns = getenv("AIOTRANSFER_COALESCE_US") ? strtoull(getenv("AIOTRANSFER_COALESCE_US"), NULL, 10) * 1000ULL : ATX_COALESCE_NS;
+    e->app_quiet_ns = ATX_APP_QUIET_NS;
     e->spin_ns = getenv("AIOTRANSFER_SPIN_US") ? strtoull(getenv("AIOTRANSFER_SPIN_US"), NULL, 10) * 1000ULL : ATX_SPIN_NS;
     e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
