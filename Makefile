@@ -6,7 +6,7 @@ VENV     ?= .venv
 PROVIDER ?= auto
 PY       := $(VENV)/bin/python
 APT_PKGS := libfabric-dev libfabric-bin libibverbs-dev ibverbs-utils pkg-config gcc make \
-            iproute2 nftables python3-venv
+            iproute2 nftables python3-venv python3-dev
 PY_PKGS  := "Cython>=3.0" "numpy>=1.22" setuptools wheel pytest pytest-asyncio pytest-timeout
 
 .PHONY: all deps venv build test test-slow demo bench info clean
@@ -17,7 +17,8 @@ all: build
 deps:
 	@if ! pkg-config --exists libfabric 2>/dev/null || ! command -v fi_info >/dev/null \
 	    || ! command -v ibv_devices >/dev/null || ! command -v nft >/dev/null \
-	    || ! $(PYTHON) -c "import venv, ensurepip" 2>/dev/null; then \
+	    || ! $(PYTHON) -c "import venv, ensurepip" 2>/dev/null \
+	    || ! $(PYTHON) -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" 2>/dev/null; then \
 	  echo "installing: $(APT_PKGS)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS); \
 	fi

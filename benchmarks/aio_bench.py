@@ -193,7 +193,6 @@ async def _client(provider: str, mode: str, size: int, window: int, iters: int, 
             rng = np.random.default_rng(1)
             per_call = pages or 1024
             calls_window = max(1, window // per_call)
-            total_calls = (warmup + iters + per_call - 1) // per_call
             # the first `warmup` pages are warm-up: split calls at that boundary
             sizes = []
             left_w, left_m = warmup, iters
@@ -203,7 +202,6 @@ async def _client(provider: str, mode: str, size: int, window: int, iters: int, 
             while left_m > 0:
                 sizes.append(min(per_call, left_m))
                 left_m -= sizes[-1]
-            del total_calls
             plan = [(rng.integers(0, npages_region, n).astype(np.int64),
                      rng.permutation(npages_region)[:n].astype(np.int64)) for n in sizes]
             nwarm = 0

@@ -35,6 +35,24 @@ async def join(proc, timeout: float = 60.0) -> int:
     return proc.exitcode
 
 
+async def run_plan(engine, children, provider: str, pb, seed: int) -> None:
+    """Start one receiver process per plan of `pb`, run its operations from
+    `engine`, and check that every receiver found every byte and immediate."""
+    procs = [children.start(peers.receiver_main, provider, plan) for plan in pb.plans]
+    ready = [await expect(conn, "ready") for _, conn in procs]
+    smr = engine.register(pb.src)
+    await peers.run_ops(engine, smr, pb.ops, [d for _, d in ready], [a for a, _ in ready])
+    for _, conn in procs:
+        conn.send(("done", None))
+    for r, (_, conn) in enumerate(procs):
+        (errors,) = await expect(conn, "result")
+        assert errors == [], f"seed={seed}: receiver {r} found:\n" + "\n".join(errors)
+    for _, conn in procs:
+        conn.send(("bye",))
+    for proc, _ in procs:
+        assert await join(proc) == 0
+
+
 def _random_ops(pb: peers.PlanBuilder, rng, rcv: int, region: int, n_writes: int) -> None:
     for i in range(n_writes):
         n = 0 if i == 0 else int(rng.integers(1, 64 * KiB))
@@ -98,19 +116,7 @@ async def test_cross_process_scatter_and_barrier(make_engine, children, provider
     for r in range(n):
         _random_ops(pb, rng, r, 0, 5)
         pb.message(r, b"to %d" % r)
-    procs = [children.start(peers.receiver_main, provider, pb.plans[r]) for r in range(n)]
-    ready = [await expect(conn, "ready") for _, conn in procs]
-    smr = engine.register(pb.src)
-    await peers.run_ops(engine, smr, pb.ops, [d for _, d in ready], [a for a, _ in ready])
-    for _, conn in procs:
-        conn.send(("done", None))
-    for r, (_, conn) in enumerate(procs):
-        (errors,) = await expect(conn, "result")
-        assert errors == [], f"seed={seed}: receiver {r} found:\n" + "\n".join(errors)
-    for proc, conn in procs:
-        conn.send(("bye",))
-    for proc, _ in procs:
-        assert await join(proc) == 0
+    await run_plan(engine, children, provider, pb, seed)
 
 
 @pytest.mark.parametrize("how", ["close", "kill"])

@@ -10,7 +10,7 @@ from aiotransfer import ScatterTarget
 
 import peers
 from support import KiB, MAX_TRANSFER, MiB, assert_bytes, random_bytes, settle
-from test_multiprocess import expect, join
+from test_multiprocess import run_plan
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -149,15 +149,4 @@ async def test_cross_process_repeated(make_engine, children, provider, rng, seed
         pb.message(r, random_bytes(rng, 65536).tobytes())
     pb.scatter([(int(rng.integers(0, 2)), 1, 1000) for _ in range(20)], imm=98)
     pb.barrier([(0, 0), (1, 1)], 97)
-    procs = [children.start(peers.receiver_main, provider, pb.plans[r]) for r in range(2)]
-    ready = [await expect(conn, "ready") for _, conn in procs]
-    smr = engine.register(pb.src)
-    await peers.run_ops(engine, smr, pb.ops, [d for _, d in ready], [a for a, _ in ready])
-    for _, conn in procs:
-        conn.send(("done", None))
-    for r, (_, conn) in enumerate(procs):
-        (errors,) = await expect(conn, "result")
-        assert errors == [], f"seed={seed}: receiver {r}:\n" + "\n".join(errors)
-        conn.send(("bye",))
-    for proc, _ in procs:
-        assert await join(proc) == 0
+    await run_plan(engine, children, provider, pb, seed)
