@@ -78,6 +78,7 @@ cdef extern from "atx.h" nogil:
         uint64_t ops_posted, wrs_posted, wrs_completed, bytes_written
         uint64_t imms_received, msgs_received, errors, eagain
         uint64_t wakeups, polls
+        uint64_t imms_dropped
 
     int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t errlen)
     int atx_engine_notify_fd(atx_engine *e)

@@ -181,7 +181,7 @@ cdef class CoreEngine:
                 "wrs_completed": s.wrs_completed, "bytes_written": s.bytes_written,
                 "imms_received": s.imms_received, "msgs_received": s.msgs_received,
                 "errors": s.errors, "eagain": s.eagain, "wakeups": s.wakeups,
-                "polls": s.polls}
+                "polls": s.polls, "imms_dropped": s.imms_dropped}
 
     # ---------------------------------------------------------------- memory
 

@@ -43,6 +43,7 @@
 #define ATX_DRAIN_NS 2000000000ULL    /* close: wait this long for posted requests */
 #define ATX_COALESCE_NS 25000ULL      /* hold a wake-up back at most this long */
 #define ATX_COALESCE_MAX 64           /* ...or until this many records wait */
+#define ATX_MAX_COUNTERS (1u << 20)   /* distinct immediate values counted at once */
 
 /* ------------------------------------------------------------------ ops */
 
@@ -185,6 +186,7 @@ struct atx_engine {
     int notified;
     uint64_t deferred;                 /* when a wake-up was first held back, 0: none */
     uint64_t coalesce_ns;              /* hold a wake-up back at most this long */
+    size_t max_counters;               /* distinct immediate values a peer may create */
     int batch_urgent;                  /* the batch holds a waiter or message record */
     int notify_fd;
 
@@ -375,12 +377,18 @@ static void counter_fire(atx_engine *e, atx_counter *c, atx_record *out, size_t 
     }
 }
 
-static void imm_arrived(atx_engine *e, uint32_t imm) {
+static void imm_arrived(atx_engine *e, atx_nic *nic, uint32_t imm) {
     atx_record fired[8];
     size_t n;
     atx_counter *c;
     pthread_mutex_lock(&e->imm_lock);
-    c = ctab_find(e, imm, 1);
+    /* peers choose the values: bound the table they can make us grow */
+    c = ctab_find(e, imm, e->ctab_used < e->max_counters);
+    if (!c) {
+        nic->stats.imms_dropped++;
+        pthread_mutex_unlock(&e->imm_lock);
+        return;
+    }
     c->avail++;
     c->total++;
     do {
@@ -1043,7 +1051,7 @@ static void handle_rx(atx_engine *e, atx_nic *n, struct fi_cq_data_entry *ce) {
         if ((ce->flags & FI_REMOTE_CQ_DATA) &&
             (!n->imm_flag || (ce->data & n->imm_flag))) {
             n->stats.imms_received++;
-            imm_arrived(e, (uint32_t)ce->data);
+            imm_arrived(e, n, (uint32_t)ce->data);
         }
         /* FI_RX_CQ_DATA: the write consumed one of our receive buffers */
         if (n->pub.rx_cq_data && c && c->kind == CTX_RX) post_rx(e, n, c);
@@ -1491,6 +1499,9 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     if (e->cfg.msg_size == 0) e->cfg.msg_size = 65536;
     if (e->cfg.msg_count <= 0) e->cfg.msg_count = 64;
     e->next_key = 1;
+    e->max_counters = getenv("AIOTRANSFER_MAX_IMM_VALUES")
+                          ? strtoull(getenv("AIOTRANSFER_MAX_IMM_VALUES"), NULL, 10)
+                          : ATX_MAX_COUNTERS;
     e->coalesce_ns = getenv("AIOTRANSFER_COALESCE_US") ? strtoull(getenv("AIOTRANSFER_COALESCE_US"), NULL, 10) * 1000ULL : ATX_COALESCE_NS;
     e->app_quiet_ns = ATX_APP_QUIET_NS;
     e->spin_ns = getenv("AIOTRANSFER_SPIN_US") ? strtoull(getenv("AIOTRANSFER_SPIN_US"), NULL, 10) * 1000ULL : ATX_SPIN_NS;

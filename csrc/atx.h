@@ -164,6 +164,7 @@ typedef struct atx_stats {
     uint64_t ops_posted, wrs_posted, wrs_completed, bytes_written;
     uint64_t imms_received, msgs_received, errors, eagain;
     uint64_t wakeups, polls;
+    uint64_t imms_dropped;    /* arrivals of new values beyond the counter table's bound */
 } atx_stats;
 void atx_engine_stats(atx_engine *e, int nic, atx_stats *out);
 

@@ -290,3 +290,30 @@ async def test_ten_thousand_concurrent_writes(make_engine, provider, rng, seed, 
         assert (cnt.value, cnt.total) == (0, int((imms == v).sum())), f"seed={seed} imm {v}"
     assert b.stats()[0]["imms_received"] == n
     assert smr.inflight == 0
+
+
+async def test_counter_table_is_bounded_against_peers(make_engine, basic_provider, monkeypatch):
+    """A peer cannot grow the receiver's counter table without bound: beyond
+    the limit, arrivals of NEW values are dropped and counted; values already
+    in the table (and ones the receiver armed itself) keep counting."""
+    monkeypatch.setenv("AIOTRANSFER_MAX_IMM_VALUES", "4")
+    rx = await make_engine(basic_provider)
+    monkeypatch.delenv("AIOTRANSFER_MAX_IMM_VALUES")
+    tx = await make_engine(basic_provider)
+    dmr = rx.register(bytearray(64))
+    for v in range(10):                      # 4 new values fit, 6 do not
+        await tx.write_imm(dmr.descriptor, 1000 + v)
+    await rx.expect_imm(1000, 1, timeout=30)  # a value inside the table
+    await tx.write_imm(dmr.descriptor, 1003)  # still counted after the table filled
+    await rx.expect_imm(1003, 2, timeout=30)
+    deadline = asyncio.get_running_loop().time() + 30
+    while rx.stats()[0]["imms_dropped"] < 6:
+        assert asyncio.get_running_loop().time() < deadline, rx.stats()
+        await asyncio.sleep(0.01)
+    assert rx.stats()[0]["imms_dropped"] == 6
+    assert rx.imm_counter(1009).total == 0
+    # the receiver may still arm its own new values
+    waiter = asyncio.ensure_future(rx.expect_imm(5000, 1, timeout=30))
+    await asyncio.sleep(0.05)
+    await tx.write_imm(dmr.descriptor, 5000)
+    await waiter
