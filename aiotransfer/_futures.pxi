@@ -60,11 +60,6 @@ cdef inline uint64_t _arg_u64(str name, object v, uint64_t limit) except? 0xFFFF
     return <uint64_t>i
 
 
-def arg_u64(str name, v, limit=0):
-    """Python entry of the argument check (limit 0 = 2**64)."""
-    return _arg_u64(name, v, limit)
-
-
 cdef class Completions:
     """Turns the core's records into resolved futures for one event loop."""
     cdef readonly CoreEngine core
