@@ -5,7 +5,6 @@ from libc.stdint cimport uint64_t, uint32_t, int64_t, int32_t
 cdef extern from "atx.h" nogil:
     enum:
         ATX_MAX_NICS
-        ATX_MAX_ADDR
         ATX_ERRLEN
         ATX_REC_OP
         ATX_REC_WAITER

@@ -101,7 +101,6 @@ typedef struct atx_op {
     int in_post_q;
     int status, prov_errno;
     char *errtext;
-    atx_cmd *cmd;
 } atx_op;
 
 typedef struct atx_waiter {
@@ -152,7 +151,6 @@ struct atx_engine {
     pthread_t thread;
     int thread_started;
     int stop;                          /* atomic */
-    int stopped;                       /* worker exited */
 
     /* The progress lock serializes every libfabric call and the op state
      * below (FI_THREAD_DOMAIN).  The worker holds it while it progresses;
@@ -1551,7 +1549,6 @@ void atx_engine_stop(atx_engine *e) {
         pthread_join(e->thread, NULL);
         e->thread_started = 0;
     }
-    e->stopped = 1;
 }
 
 void atx_engine_destroy(atx_engine *e) {

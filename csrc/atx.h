@@ -20,7 +20,6 @@ extern "C" {
 #endif
 
 #define ATX_MAX_NICS 16
-#define ATX_MAX_ADDR 128
 #define ATX_ERRLEN 256
 
 /* Completion record kinds */
