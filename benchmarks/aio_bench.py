@@ -257,6 +257,19 @@ async def _client(provider: str, mode: str, size: int, window: int, iters: int, 
         return out
 
 
+def idle_cpu(provider: str, seconds: float = 3.0) -> float:
+    """Percent of one core used by an open, idle engine (process CPU time)."""
+
+    async def run() -> float:
+        async with aiotransfer.TransferEngine(provider, **_kw(provider, True)):
+            await asyncio.sleep(0.3)   # past the post-start activity
+            c0, t0 = _cpu(), time.perf_counter()
+            await asyncio.sleep(seconds)
+            return (_cpu() - c0) / (time.perf_counter() - t0) * 100
+
+    return asyncio.run(run())
+
+
 def _server_main(*args) -> None:
     asyncio.run(_server(*args))
 

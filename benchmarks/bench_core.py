@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE / "raw"))
 
-from aio_bench import run_aio  # noqa: E402
+from aio_bench import idle_cpu, run_aio  # noqa: E402
 from rawbench import run_raw  # noqa: E402
 
 sys.path.insert(0, str(HERE.parent))
@@ -163,8 +163,12 @@ def main() -> int:
     print(f"\nmachine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
           f"{platform.platform()}; {time.time() - t0:.0f} s")
     print(table(rows))
+    idle = {p: idle_cpu(p) for p in providers}
+    print("\nidle engine (3 s, process CPU): " +
+          ", ".join(f"{p} {v:.2f}% of a core" for p, v in idle.items()))
     if a.json:
-        Path(a.json).write_text(json.dumps({"rows": rows, "when": time.ctime(),
+        Path(a.json).write_text(json.dumps({"rows": rows, "idle_cpu_percent": idle,
+                                            "when": time.ctime(),
                                             "cores": os.cpu_count()}, indent=1))
     if a.plot:
         plot(rows, a.plot)
