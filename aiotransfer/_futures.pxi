@@ -43,8 +43,12 @@ cdef class PendingWait:
     cdef readonly uint64_t count
 
 
-cdef inline uint64_t _arg_u64(str name, object v, uint64_t limit) except? 0xFFFFFFFFFFFFFFFF:
-    """An integer argument in [0, limit): TypeError/ValueError naming it."""
+cdef object U64_END = 1 << 64
+
+
+cdef object _check_uint(str name, object v, object limit):
+    """An integer argument in [0, limit): TypeError/ValueError naming it.
+    The one argument check of the package (engine.py uses it through arg_uint)."""
     cdef object i
     if type(v) is int:
         i = v
@@ -55,9 +59,19 @@ cdef inline uint64_t _arg_u64(str name, object v, uint64_t limit) except? 0xFFFF
             i = v.__index__()
         except AttributeError:
             raise TypeError(f"{name} must be an integer, not {type(v).__name__}") from None
-    if i < 0 or (limit and i >= limit):
-        raise ValueError(f"{name}={i} is out of range [0, {limit if limit else 2**64})")
-    return <uint64_t>i
+    if i < 0 or i >= limit:
+        raise ValueError(f"{name}={i} is out of range [0, {limit})")
+    return i
+
+
+cdef inline uint64_t _arg_u64(str name, object v, uint64_t limit) except? 0xFFFFFFFFFFFFFFFF:
+    """_check_uint as a C integer; limit 0 means 2**64."""
+    return <uint64_t>_check_uint(name, v, limit if limit else U64_END)
+
+
+def arg_uint(str name, v, limit=U64_END):
+    """Python entry of the argument check."""
+    return _check_uint(name, v, limit)
 
 
 cdef class Completions:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import operator
 import os
 import secrets
 import time
@@ -73,15 +72,8 @@ def sysfs_link_speed(nic: str) -> int | None:
 # ------------------------------------------------------------------ checks
 
 def _uint(name: str, value: Any, limit: int = 1 << 64) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, not bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
-    if v < 0 or v >= limit:
-        raise ValueError(f"{name}={v} is out of range [0, {limit})")
-    return v
+    """An integer argument in [0, limit), else TypeError/ValueError naming it."""
+    return _core.arg_uint(name, value, limit)
 
 
 def _imm(name: str, value: Any) -> int:

@@ -93,6 +93,12 @@ CASES: list[tuple[str, Callable[[Ctx], Any], type, str]] = [
     ("write-dst_offset-huge", lambda c: c.a.write(c.smr, c.d, length=1, dst_offset=2 ** 64 - 1),
      ValueError, "dst_offset"),
     ("write-negative-length", lambda c: c.a.write(c.smr, c.d, length=-1), ValueError, "length"),
+    # beyond 64 bits: a ValueError naming the argument, not an OverflowError
+    ("write-length-2**64", lambda c: c.a.write(c.smr, c.d, length=2 ** 64), ValueError, "length"),
+    ("write-src_offset-2**64", lambda c: c.a.write(c.smr, c.d, src_offset=2 ** 64),
+     ValueError, "src_offset"),
+    ("write-dst_offset-2**70", lambda c: c.a.write(c.smr, c.d, length=1, dst_offset=2 ** 70),
+     ValueError, "dst_offset"),
     ("write-negative-src_offset", lambda c: c.a.write(c.smr, c.d, src_offset=-1),
      ValueError, "src_offset"),
     ("write-negative-dst_offset", lambda c: c.a.write(c.smr, c.d, dst_offset=-1),
