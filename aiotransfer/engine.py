@@ -640,12 +640,7 @@ class TransferEngine:
             total += n
         has_imm = imm is not None
         iv = _imm("imm", imm) if has_imm else 0
-        rid = self._c.new_id()
-        try:
-            core.post_scatter(rid, src, rows, has_imm, iv)
-        except _core.CoreError as exc:
-            raise self._posted(exc, "scatter", total, None) from None
-        return self._c.track(rid, src, "scatter", total, None)
+        return self._post_rows("scatter", core, src, rows, total, has_imm, iv)
 
     def barrier(self, dsts: Iterable[Destination], imm: int) -> asyncio.Future:
         """Send one immediate to the owner of each destination region."""
@@ -655,12 +650,17 @@ class TransferEngine:
         rows = np.empty((len(dl), 6), dtype=np.uint64)
         for i, d in enumerate(dl):
             rows[i] = (d.peer, d.base, d.key, 0, 0, 0)
+        return self._post_rows("barrier", core, None, rows, 0, True, iv)
+
+    def _post_rows(self, name: str, core: Any, src: Any, rows: np.ndarray, total: int,
+                   has_imm: bool, iv: int) -> asyncio.Future:
+        """Post a table of (peer, base, key, src_off, dst_off, len) rows as one op."""
         rid = self._c.new_id()
         try:
-            core.post_scatter(rid, None, rows, True, iv)
+            core.post_scatter(rid, src, rows, has_imm, iv)
         except _core.CoreError as exc:
-            raise self._posted(exc, "barrier", 0, None) from None
-        return self._c.track(rid, None, "barrier", 0, None)
+            raise self._posted(exc, name, total, None) from None
+        return self._c.track(rid, src, name, total, None)
 
     # ------------------------------------------------------------ immediates
 

@@ -153,20 +153,18 @@ struct atx_engine {
     int stop;                          /* atomic */
 
     /* The progress lock serializes every libfabric call and the op state
-     * below (FI_THREAD_DOMAIN).  The worker holds it while it progresses;
-     * an application thread that finds it free posts its operation inline
-     * (no thread hop) and polls once. */
+     * below (FI_THREAD_DOMAIN).  The worker holds it for rounds of progress;
+     * an application thread takes it to post its operation inline (no
+     * thread hop), polling the CQ only when the provider pushes back. */
     pthread_mutex_t prog_lock;
     uint64_t app_ts;                   /* last inline progress by the app */
     int dead;                          /* endpoints closed: no more posting */
 
-    /* submission queue */
     /* the worker's sleep: it announces it (seq_cst) and re-checks
      * `submitted`; a poster bumps `submitted` and then reads `sleeping` */
     int sleeping;
     uint64_t submitted;
     int app_polling;                   /* the app thread busy-polls: stand back */
-    uint64_t app_quiet_ns;             /* app progressed this recently: let it drive */
     int wake_fd;
 
     /* worker-private */
@@ -188,7 +186,7 @@ struct atx_engine {
     int batch_urgent;                  /* the batch holds a waiter or message record */
     int notify_fd;
 
-    uint64_t spin_ns;
+    uint64_t spin_ns;                  /* keep polling this long after activity */
     /* immediate counters */
     pthread_mutex_t imm_lock;
     atx_counter *ctab;
@@ -206,6 +204,12 @@ static uint64_t now_ns(void) {
 static void seterr(char *err, size_t errlen, const char *what, int rc) {
     if (err && errlen)
         snprintf(err, errlen, "%s: %s (%d)", what, fi_strerror(rc < 0 ? -rc : rc), rc);
+}
+
+static void fd_signal(int fd) {
+    uint64_t one = 1;
+    ssize_t w = write(fd, &one, sizeof(one));
+    (void)w;
 }
 
 /* ------------------------------------------------------------ records */
@@ -258,11 +262,7 @@ static void rec_publish(atx_engine *e, const atx_record *r, size_t n, int urgent
         }
     }
     pthread_mutex_unlock(&e->rec_lock);
-    if (wake) {
-        uint64_t one = 1;
-        ssize_t w = write(e->notify_fd, &one, sizeof(one));
-        (void)w;
-    }
+    if (wake) fd_signal(e->notify_fd);
 }
 
 static void batch_flush(atx_engine *e) {
@@ -285,11 +285,7 @@ static void rec_notify_due(atx_engine *e, int force) {
         wake = 1;
     }
     pthread_mutex_unlock(&e->rec_lock);
-    if (wake) {
-        uint64_t one = 1;
-        ssize_t w = write(e->notify_fd, &one, sizeof(one));
-        (void)w;
-    }
+    if (wake) fd_signal(e->notify_fd);
 }
 
 int atx_pending(atx_engine *e) {
@@ -470,10 +466,12 @@ void atx_imm_value(atx_engine *e, uint32_t imm, uint64_t *avail, uint64_t *total
 
 /* --------------------------------------------------------- submission */
 
-static void wake_worker(atx_engine *e) {
-    uint64_t one = 1;
-    ssize_t w = write(e->wake_fd, &one, sizeof(one));
-    (void)w;
+static void wake_worker(atx_engine *e) { fd_signal(e->wake_fd); }
+
+/* Something was posted or the app stopped polling: the worker must look. */
+static void kick_worker(atx_engine *e) {
+    __atomic_add_fetch(&e->submitted, 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&e->sleeping, __ATOMIC_SEQ_CST)) wake_worker(e);
 }
 
 static void accept_op(atx_engine *e, atx_op *op);
@@ -498,8 +496,7 @@ static int submit(atx_engine *e, atx_op *op) {
     batch_flush(e);
     e->app_ts = now_ns();
     pthread_mutex_unlock(&e->prog_lock);
-    __atomic_add_fetch(&e->submitted, 1, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&e->sleeping, __ATOMIC_SEQ_CST)) wake_worker(e);
+    kick_worker(e);
     return 0;
 }
 
@@ -1118,8 +1115,8 @@ static size_t poll_cq(atx_engine *e, atx_nic *n, int rounds) {
     return total;
 }
 
-/* One round of progress: take queued submissions, post, poll every CQ,
- * publish the records.  Called with prog_lock held. */
+/* One round of progress: post queued work, poll every CQ, publish the
+ * records.  Called with prog_lock held. */
 static size_t progress_once(atx_engine *e, int rounds) {
     size_t work = 0;
     work += post_pending(e);
@@ -1131,11 +1128,7 @@ static size_t progress_once(atx_engine *e, int rounds) {
 
 void atx_app_polling(atx_engine *e, int on) {
     __atomic_store_n(&e->app_polling, on, __ATOMIC_SEQ_CST);
-    if (!on) {
-        /* the app stops polling: the worker must take over now */
-        __atomic_add_fetch(&e->submitted, 1, __ATOMIC_SEQ_CST);
-        if (__atomic_load_n(&e->sleeping, __ATOMIC_SEQ_CST)) wake_worker(e);
-    }
+    if (!on) kick_worker(e);   /* the app stops polling: the worker takes over now */
 }
 
 size_t atx_progress(atx_engine *e) {
@@ -1149,8 +1142,8 @@ size_t atx_progress(atx_engine *e) {
     return work;
 }
 
-/* Sleep until a submission arrives, a CQ fd fires (if use_cq_fds) or the
- * timeout passes.  Called without prog_lock. */
+/* Sleep until something is posted (submit/atx_app_polling wake us), a CQ
+ * fd fires (if use_cq_fds) or the timeout passes.  Called without prog_lock. */
 static void worker_sleep(atx_engine *e, uint64_t timeout_ns, int use_cq_fds) {
     struct pollfd pfd[ATX_MAX_NICS + 1];
     int nfd = 0;
@@ -1229,7 +1222,6 @@ static void shutdown_worker(atx_engine *e) {
         op->in_post_q = 0;
         op_complete(e, op);
     }
-    e->post_head = e->post_tail = NULL;
     batch_flush(e);
     pthread_mutex_unlock(&e->prog_lock);
 }
@@ -1288,8 +1280,8 @@ static void *worker_main(void *arg) {
             sleep_ns = ATX_SLEEP_MIN_NS;
             continue;
         }
-        if (t - app_ts < e->app_quiet_ns) {
-            worker_sleep(e, e->app_quiet_ns, 0);
+        if (t - app_ts < ATX_APP_QUIET_NS) {
+            worker_sleep(e, ATX_APP_QUIET_NS, 0);
             continue;
         }
         if (t - last_activity < e->spin_ns) {
@@ -1450,6 +1442,12 @@ static struct fi_info *make_hints(const atx_config *cfg) {
     return h;
 }
 
+/* A tunable from the environment (times `scale`), or its default. */
+static uint64_t env_u64(const char *name, uint64_t scale, uint64_t dflt) {
+    const char *v = getenv(name);
+    return v && *v ? strtoull(v, NULL, 10) * scale : dflt;
+}
+
 int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t errlen) {
     struct fi_info *hints, *list = NULL, *pick = NULL;
     atx_engine *e;
@@ -1497,12 +1495,9 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     if (e->cfg.msg_size == 0) e->cfg.msg_size = 65536;
     if (e->cfg.msg_count <= 0) e->cfg.msg_count = 64;
     e->next_key = 1;
-    e->max_counters = getenv("AIOTRANSFER_MAX_IMM_VALUES")
-                          ? strtoull(getenv("AIOTRANSFER_MAX_IMM_VALUES"), NULL, 10)
-                          : ATX_MAX_COUNTERS;
-    e->coalesce_ns = getenv("AIOTRANSFER_COALESCE_US") ? strtoull(getenv("AIOTRANSFER_COALESCE_US"), NULL, 10) * 1000ULL : ATX_COALESCE_NS;
-    e->app_quiet_ns = ATX_APP_QUIET_NS;
-    e->spin_ns = getenv("AIOTRANSFER_SPIN_US") ? strtoull(getenv("AIOTRANSFER_SPIN_US"), NULL, 10) * 1000ULL : ATX_SPIN_NS;
+    e->max_counters = env_u64("AIOTRANSFER_MAX_IMM_VALUES", 1, ATX_MAX_COUNTERS);
+    e->coalesce_ns = env_u64("AIOTRANSFER_COALESCE_US", 1000, ATX_COALESCE_NS);
+    e->spin_ns = env_u64("AIOTRANSFER_SPIN_US", 1000, ATX_SPIN_NS);
     e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     pthread_mutex_init(&e->prog_lock, NULL);
