@@ -20,7 +20,8 @@ cdef extern from "atx.h" nogil:
 
     ctypedef struct atx_config:
         const char *provider
-        const char *domain
+        const char *domains[16]
+        int ndomains
         int delivery_complete
         size_t msg_size
         int msg_count
@@ -28,6 +29,8 @@ cdef extern from "atx.h" nogil:
         size_t max_chunk
         size_t tx_depth
         int no_wait_fd
+        size_t stripe
+        size_t nic_budget
 
     ctypedef struct atx_nic_info:
         char name[64]
@@ -60,15 +63,8 @@ cdef extern from "atx.h" nogil:
         uint64_t key[16]
         uint64_t base[16]
 
-    ctypedef struct atx_rdest:
-        uint64_t peer
-        uint64_t base
-        uint64_t key
-
     ctypedef struct atx_scatter_entry:
-        uint64_t peer
-        uint64_t base
-        uint64_t key
+        uint64_t dest
         uint64_t src_off
         uint64_t dst_off
         uint64_t len
@@ -78,6 +74,8 @@ cdef extern from "atx.h" nogil:
         uint64_t imms_received, msgs_received, errors, eagain
         uint64_t wakeups, polls
         uint64_t imms_dropped
+        uint64_t inflight_bytes
+        uint64_t weight
 
     int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t errlen)
     int atx_engine_notify_fd(atx_engine *e)
@@ -92,12 +90,15 @@ cdef extern from "atx.h" nogil:
     int atx_mr_dereg(atx_engine *e, atx_mr *mr)
     int atx_peer_insert(atx_engine *e, int nnames, const void *const *names, const size_t *lens,
                         uint64_t *peer_out, char *err, size_t errlen)
+    int atx_dest_add(atx_engine *e, uint64_t peer, int n, const uint64_t *bases,
+                     const uint64_t *keys, uint64_t *dest_out, char *err, size_t errlen)
+    int atx_nic_set_weight(atx_engine *e, int nic, uint64_t weight)
 
     int atx_post_write(atx_engine *e, uint64_t id, const atx_mr *src, uint64_t src_off,
-                       const atx_rdest *dst, uint64_t dst_off, uint64_t len,
+                       uint64_t dest, uint64_t dst_off, uint64_t len,
                        int has_imm, uint32_t imm)
     int atx_post_paged(atx_engine *e, uint64_t id, const atx_mr *src, uint64_t src_off,
-                       uint64_t src_stride, int64_t *src_pages, const atx_rdest *dst,
+                       uint64_t src_stride, int64_t *src_pages, uint64_t dest,
                        uint64_t dst_off, uint64_t dst_stride, int64_t *dst_pages,
                        uint64_t npages, uint64_t page_size, int has_imm, uint32_t imm)
     int atx_post_scatter(atx_engine *e, uint64_t id, const atx_mr *src,

@@ -7,7 +7,7 @@ futures layer (``aiotransfer.engine``) turns those into awaitables.
 """
 from libc.stdint cimport uint64_t, uint32_t, int64_t
 from libc.stdlib cimport malloc, free
-from libc.string cimport memcpy, strlen
+from libc.string cimport memcpy, memset, strlen
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE,
                              PyBUF_C_CONTIGUOUS)
 from cpython.bytes cimport PyBytes_FromStringAndSize
@@ -99,18 +99,28 @@ cdef class CoreEngine:
         if self.recs == NULL:
             raise MemoryError()
 
-    def __init__(self, str provider, domain=None, *, bint delivery_complete=True,
-                 size_t msg_size=65536, int msg_count=64, int cpu=-1, size_t max_chunk=0, size_t tx_depth=0, bint wait_fd=True):
+    def __init__(self, str provider, domains=None, *, bint delivery_complete=True,
+                 size_t msg_size=65536, int msg_count=64, int cpu=-1, size_t max_chunk=0,
+                 size_t tx_depth=0, bint wait_fd=True, size_t stripe=0, size_t nic_budget=0):
+        """domains: None (the provider's first NIC), a name, or a list of names."""
         cdef atx_config cfg
         cdef char err[256]
         cdef bytes prov_b = provider.encode()
-        cdef bytes dom_b = domain.encode() if domain else b""
-        cdef int rc
+        cdef list dom_b
+        cdef int rc, i
         cdef atx_engine *eng = NULL
+        memset(&cfg, 0, sizeof(cfg))
+        if isinstance(domains, str):
+            domains = [domains]
+        dom_b = [d.encode() for d in (domains or [])]
+        if len(dom_b) > 16:
+            raise ValueError(f"{len(dom_b)} NICs asked for (at most 16)")
         cfg.provider = prov_b
-        cfg.domain = NULL
-        if domain:
-            cfg.domain = dom_b
+        cfg.ndomains = len(dom_b)
+        for i in range(cfg.ndomains):
+            cfg.domains[i] = <bytes>dom_b[i]
+        cfg.stripe = stripe
+        cfg.nic_budget = nic_budget
         cfg.delivery_complete = delivery_complete
         cfg.msg_size = msg_size
         cfg.msg_count = msg_count
@@ -181,7 +191,13 @@ cdef class CoreEngine:
                 "wrs_completed": s.wrs_completed, "bytes_written": s.bytes_written,
                 "imms_received": s.imms_received, "msgs_received": s.msgs_received,
                 "errors": s.errors, "eagain": s.eagain, "wakeups": s.wakeups,
-                "polls": s.polls, "imms_dropped": s.imms_dropped}
+                "polls": s.polls, "imms_dropped": s.imms_dropped,
+                "inflight_bytes": s.inflight_bytes, "weight": s.weight}
+
+    def set_weight(self, int nic, uint64_t weight):
+        """NIC `nic`'s share in the selector; 0 stops choosing it."""
+        self._live()
+        _check(atx_nic_set_weight(self.e, nic, weight), "set_weight")
 
     # ---------------------------------------------------------------- memory
 
@@ -238,25 +254,39 @@ cdef class CoreEngine:
             raise CoreError(rc, err.decode("utf-8", "replace"))
         return peer
 
+    def dest_add(self, uint64_t peer, bases, keys):
+        """A remote region of `peer`: one (base, key) per NIC of the peer; returns its id."""
+        cdef uint64_t b[16]
+        cdef uint64_t k[16]
+        cdef uint64_t dest = 0
+        cdef int n = len(bases), i, rc
+        cdef char err[256]
+        self._live()
+        if n < 1 or n > 16 or len(keys) != n:
+            raise ValueError(f"region lists {n} bases and {len(keys)} keys (1..16 NICs)")
+        for i in range(n):
+            b[i] = bases[i]
+            k[i] = keys[i]
+        err[0] = 0
+        with nogil:
+            rc = atx_dest_add(self.e, peer, n, b, k, &dest, err, sizeof(err))
+        if rc:
+            raise CoreError(rc, err.decode("utf-8", "replace"))
+        return dest
+
     # ------------------------------------------------------------ operations
 
-    def post_write(self, uint64_t id, CoreMR src, uint64_t src_off, uint64_t peer,
-                   uint64_t base, uint64_t key, uint64_t dst_off, uint64_t length,
-                   bint has_imm, uint32_t imm):
-        cdef atx_rdest d
+    def post_write(self, uint64_t id, CoreMR src, uint64_t src_off, uint64_t dest,
+                   uint64_t dst_off, uint64_t length, bint has_imm, uint32_t imm):
         self._live()
-        d.peer = peer
-        d.base = base
-        d.key = key
         _check(atx_post_write(self.e, id, &src.mr if src is not None else NULL, src_off,
-                              &d, dst_off, length, has_imm, imm), "write")
+                              dest, dst_off, length, has_imm, imm), "write")
 
     def post_paged(self, uint64_t id, CoreMR src, uint64_t src_off, uint64_t src_stride,
-                   const int64_t[::1] src_pages, uint64_t peer, uint64_t base, uint64_t key,
+                   const int64_t[::1] src_pages, uint64_t dest,
                    uint64_t dst_off, uint64_t dst_stride, const int64_t[::1] dst_pages,
                    uint64_t page_size, bint has_imm, uint32_t imm):
         """Page lists must already be validated (the Python layer does)."""
-        cdef atx_rdest d
         cdef uint64_t n = src_pages.shape[0]
         cdef int64_t *sp
         cdef int64_t *dp
@@ -272,20 +302,17 @@ cdef class CoreEngine:
         if n:
             memcpy(sp, &src_pages[0], n * sizeof(int64_t))
             memcpy(dp, &dst_pages[0], n * sizeof(int64_t))
-        d.peer = peer
-        d.base = base
-        d.key = key
-        _check(atx_post_paged(self.e, id, &src.mr, src_off, src_stride, sp, &d, dst_off,
+        _check(atx_post_paged(self.e, id, &src.mr, src_off, src_stride, sp, dest, dst_off,
                               dst_stride, dp, n, page_size, has_imm, imm), "write_paged")
 
     def post_scatter(self, uint64_t id, CoreMR src, const uint64_t[:, ::1] entries,
                      bint has_imm, uint32_t imm):
-        """entries: (n, 6) uint64 rows of (peer, base, key, src_off, dst_off, len)."""
+        """entries: (n, 4) uint64 rows of (dest id, src_off, dst_off, len)."""
         cdef uint64_t n = entries.shape[0]
         cdef atx_scatter_entry *ent
         self._live()
-        if entries.shape[1] != 6:
-            raise ValueError("scatter entries must have 6 columns")
+        if entries.shape[1] != 4:
+            raise ValueError("scatter entries must have 4 columns")
         ent = <atx_scatter_entry *>malloc(n * sizeof(atx_scatter_entry) + 8)
         if ent == NULL:
             raise MemoryError()

@@ -14,16 +14,14 @@ cdef uint64_t IMM_LIMIT = 1ULL << 32
 
 
 cdef class Dest:
-    """A resolved destination region: peer index, remote base/key, size."""
-    cdef readonly uint64_t peer, base, key, nbytes
+    """A resolved destination region: its id in the C core, owner peer, size."""
+    cdef readonly uint64_t id, peer, nbytes
     cdef readonly object region      # the RemoteRegion
     cdef readonly str peer_name
 
-    def __init__(self, uint64_t peer, uint64_t base, uint64_t key, uint64_t nbytes,
-                 region, str peer_name):
+    def __init__(self, uint64_t id, uint64_t peer, uint64_t nbytes, region, str peer_name):
+        self.id = id
         self.peer = peer
-        self.base = base
-        self.key = key
         self.nbytes = nbytes
         self.region = region
         self.peer_name = peer_name
@@ -131,7 +129,6 @@ cdef class Completions:
         """Check, post and track one write; returns its future."""
         cdef uint64_t so, do, n, iv = 0
         cdef bint has_imm = imm is not None
-        cdef atx_rdest rd
         cdef int rc
         self._live()
         if src is None or not src.registered:
@@ -149,25 +146,18 @@ cdef class Completions:
             iv = _arg_u64("imm", imm, IMM_LIMIT)
         rid = self.next_id
         self.next_id = rid + 1
-        rd.peer = d.peer
-        rd.base = d.base
-        rd.key = d.key
-        rc = atx_post_write(self.core.e, rid, &src.mr, so, &rd, do, n, has_imm, <uint32_t>iv)
+        rc = atx_post_write(self.core.e, rid, &src.mr, so, d.id, do, n, has_imm, <uint32_t>iv)
         if rc:
             raise CoreError(rc, f"write: {atx_strerror(rc).decode()} ({rc})")
         return self._track(rid, src, "write", n, d.peer_name)
 
     def write_imm(self, Dest d, imm):
         cdef uint64_t iv = _arg_u64("imm", imm, IMM_LIMIT)
-        cdef atx_rdest rd
         cdef int rc
         self._live()
         rid = self.next_id
         self.next_id = rid + 1
-        rd.peer = d.peer
-        rd.base = d.base
-        rd.key = d.key
-        rc = atx_post_write(self.core.e, rid, NULL, 0, &rd, 0, 0, True, <uint32_t>iv)
+        rc = atx_post_write(self.core.e, rid, NULL, 0, d.id, 0, 0, True, <uint32_t>iv)
         if rc:
             raise CoreError(rc, f"write_imm: {atx_strerror(rc).decode()} ({rc})")
         return self._track(rid, None, "write_imm", 0, d.peer_name)

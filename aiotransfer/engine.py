@@ -23,12 +23,12 @@ from typing import Any, Iterable, Sequence, Union
 import numpy as np
 
 from . import _core
-from ._wire import EngineAddress, RemoteRegion
+from ._wire import MAX_NICS, EngineAddress, RemoteRegion
 from .errors import EngineClosedError, PeerError, TransferError
 
 __all__ = [
     "TransferEngine", "MemoryRegion", "ImmCounter", "ScatterTarget", "NicInfo",
-    "PROVIDER_ALIASES", "resolve_provider",
+    "PROVIDER_ALIASES", "resolve_provider", "provider_nics",
 ]
 
 IMM_LIMIT = 1 << 32
@@ -67,6 +67,45 @@ def sysfs_link_speed(nic: str) -> int | None:
     except (OSError, ValueError):
         return None
     return mbps * 1_000_000 if mbps > 0 else None
+
+
+def provider_nics(provider: str | None = None, *, gpu: int | None = None) -> list[str]:
+    """The NICs (domain names) ``provider`` offers here, in the order
+    ``TransferEngine(nics=<count>)`` takes them: the topology's NICs for
+    ``gpu`` first, then the rest by name; loopback only if nothing else."""
+    prov = resolve_provider(provider)
+    names: list[str] = []
+    for p, dom, _fab, _speed, ipv4 in _core.fabric_info(prov):
+        if dom not in names and (ipv4 or not prov.startswith(("tcp", "udp", "sockets"))):
+            names.append(dom)
+    real = sorted((n for n in names if n != "lo"), key=_natural)
+    first = [n for n in _topology_nics(prov, gpu) if n in real]
+    out = first + [n for n in real if n not in first]
+    return out or names
+
+
+def _natural(name: str) -> tuple:
+    """Sort key: "nic2" before "nic10"."""
+    import re
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def _topology_nics(provider: str, gpu: int | None) -> list[str]:
+    """NIC names the topology assigns to ``gpu`` that the provider offers
+    ([] when there is no such group, e.g. no GPU or no topology info)."""
+    try:
+        from . import topology
+    except ImportError:
+        return []
+    try:
+        topo = topology.detect()
+        group = topo.group_for_gpu(gpu or 0)
+    except Exception:   # odd sysfs: fall back to the provider's default
+        return []
+    if group is None or group.gpu is None:
+        return []
+    offered = {dom for p, dom, *_ in _core.fabric_info(provider)}
+    return [d for nic in group.nics for d in nic.domain_names if d in offered]
 
 
 # ------------------------------------------------------------------ checks
@@ -265,8 +304,17 @@ class TransferEngine:
 
     Parameters: ``provider`` -- libfabric provider name or alias ("tcp",
     "udp", "shm", "sockets"; default ``$AIOTRANSFER_PROVIDER`` or "tcp").
-    ``nics`` -- None (``$AIOTRANSFER_NICS`` if set, else the provider's first
-    NIC) or a list of NIC (domain) names such as ``["lo"]``.
+    ``nics`` -- which NICs (libfabric domains) the engine drives: a list of
+    names such as ``["eth0", "eth1"]``, a count (the first that many of the
+    provider's NICs, see :func:`provider_nics`), or None: ``$AIOTRANSFER_NICS``
+    (comma-separated) if set, else the NICs the topology assigns to ``gpu``
+    (``aiotransfer.topology``), else the provider's first NIC.
+    ``gpu`` -- with ``nics=None``: the GPU whose NIC group to use (default 0).
+    ``nic_weights`` -- relative share of each NIC in the selector (default:
+    link speeds where all are known, else equal).  The selector also follows
+    how fast each NIC really drains, so weights matter most at the start.
+    ``stripe`` -- with several NICs, single writes larger than this are cut
+    into stripes of this size spread over the NICs (default 512 KiB).
     ``delivery_complete`` -- complete writes only once the data is placed at
     the target (default True; see docs/semantics.md).
     ``msg_size``/``msg_count`` -- size and number of control-message receive
@@ -286,9 +334,16 @@ class TransferEngine:
                  delivery_complete: bool = True, msg_size: int = 65536, msg_count: int = 64,
                  cpu: int | None = None, max_chunk: int | None = None,
                  recv_queue_limit: int = 4096, tx_depth: int | None = None,
-                 busy_poll_us: float | None = None) -> None:
+                 busy_poll_us: float | None = None, gpu: int | None = None,
+                 nic_weights: Sequence[float] | None = None,
+                 stripe: int | None = None) -> None:
         self.provider = resolve_provider(provider)
-        self._nic_names = self._check_nics(nics)
+        self._nics_arg = self._check_nics(nics)
+        self._gpu = None if gpu is None else _uint("gpu", gpu, 1 << 16)
+        self._nic_weights = self._check_weights(nic_weights)
+        self._stripe = 0 if stripe is None else _uint("stripe", stripe, 1 << 40)
+        if stripe is not None and self._stripe < 4096:
+            raise ValueError(f"stripe={stripe} must be at least 4096 bytes")
         self._delivery_complete = bool(delivery_complete)
         self._msg_size = _uint("msg_size", msg_size)
         if not 1 <= self._msg_size <= 1 << 24:
@@ -319,25 +374,58 @@ class TransferEngine:
         self._regions: dict[int, MemoryRegion] = {}
         self._peers: dict[tuple, int] = {}
         self._dests: dict[Any, Any] = {}   # descriptor bytes / RemoteRegion -> _core.Dest
+        self._dest_ids: dict[tuple, int] = {}   # (peer, keys, bases) -> the C core's id
         self._nics: list[NicInfo] = []
 
     @staticmethod
-    def _check_nics(nics: Any) -> list[str]:
+    def _check_nics(nics: Any) -> list[str] | int | None:
         if nics is None:
             env = os.environ.get("AIOTRANSFER_NICS")
-            return [n for n in env.split(",") if n] if env else []
+            return [n for n in env.split(",") if n] if env else None
         if isinstance(nics, int) and not isinstance(nics, bool):
-            if nics != 1:
-                raise ValueError(f"nics={nics}: this build drives one NIC per engine")
-            return []
+            if not 1 <= nics <= MAX_NICS:
+                raise ValueError(f"nics={nics} must be in [1, {MAX_NICS}]")
+            return nics
         if isinstance(nics, str):
-            raise TypeError("nics must be a list of NIC names, not a str")
-        names = list(nics)
+            raise TypeError("nics must be a list of NIC names or a count, not a str")
+        try:
+            names = list(nics)
+        except TypeError:
+            raise TypeError(f"nics must be a list of NIC names or a count, "
+                            f"not {type(nics).__name__}") from None
         if not all(isinstance(n, str) and n for n in names):
             raise TypeError("nics must be a list of non-empty NIC name strings")
-        if len(names) > 1:
-            raise ValueError(f"nics={names}: this build drives one NIC per engine")
+        if not 1 <= len(names) <= MAX_NICS:
+            raise ValueError(f"nics lists {len(names)} NICs; 1..{MAX_NICS} allowed")
+        if len(set(names)) != len(names):
+            raise ValueError(f"nics={names} lists a NIC twice")
         return names
+
+    @staticmethod
+    def _check_weights(weights: Any) -> list[float] | None:
+        if weights is None:
+            return None
+        try:
+            ws = [float(w) for w in weights]
+        except (TypeError, ValueError):
+            raise TypeError("nic_weights must be a sequence of numbers") from None
+        if not ws or not all(w >= 0 and w == w and w != float("inf") for w in ws) \
+                or not any(ws):
+            raise ValueError(f"nic_weights={list(weights)}: finite numbers >= 0, not all 0")
+        return ws
+
+    def _resolve_nics(self) -> list[str]:
+        """The NIC names to open ([] = the provider's first NIC)."""
+        arg = self._nics_arg
+        if isinstance(arg, list):
+            return arg
+        if isinstance(arg, int):
+            avail = provider_nics(self.provider, gpu=self._gpu)
+            if arg > len(avail):
+                raise ValueError(f"nics={arg}, but provider {self.provider} offers "
+                                 f"{len(avail)} usable NIC(s) here: {avail}")
+            return avail[:arg]
+        return _topology_nics(self.provider, self._gpu)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -346,9 +434,13 @@ class TransferEngine:
         if self._state != "new":
             raise RuntimeError(f"engine already {self._state}")
         loop = asyncio.get_running_loop()
+        names = self._resolve_nics()
+        if self._nic_weights is not None and len(self._nic_weights) != max(len(names), 1):
+            raise ValueError(f"nic_weights has {len(self._nic_weights)} entries for "
+                             f"{max(len(names), 1)} NIC(s)")
         try:
             core = _core.CoreEngine(
-                self.provider, self._nic_names[0] if self._nic_names else None,
+                self.provider, names, stripe=self._stripe,
                 delivery_complete=self._delivery_complete, msg_size=self._msg_size,
                 msg_count=self._msg_count, cpu=self._cpu, max_chunk=self._max_chunk,
                 tx_depth=self._tx_depth,
@@ -358,14 +450,21 @@ class TransferEngine:
                                 provider_text=str(exc), code=exc.code) from None
         self._core = core
         self._c = _core.Completions(core, loop, self._msgs.deliver, _op_error)
-        names = tuple(core.getname(i) for i in range(core.nic_count()))
-        self._address = EngineAddress(self.provider, secrets.randbits(64), names)
+        self._address = EngineAddress(self.provider, secrets.randbits(64),
+                                      tuple(core.getname(i) for i in range(core.nic_count())))
         self._address_bytes = self._address.to_bytes()
         self._nics = []
         for i in range(core.nic_count()):
             d = core.nic_info(i)
             speed = d["link_speed"] or sysfs_link_speed(d["name"])
             self._nics.append(NicInfo(d["name"], self.provider, speed, d["fabric"], d))
+        ws = self._nic_weights
+        if ws is None:
+            speeds = [n.link_speed for n in self._nics]
+            ws = [s / 1e6 for s in speeds] if all(speeds) else [1.0] * len(speeds)
+        top = max(ws)
+        for i, w in enumerate(ws):
+            core.set_weight(i, max(1, round(w / top * 1_000_000)) if w else 0)
         self._state = "running"
         return self
 
@@ -515,8 +614,16 @@ class TransferEngine:
             raise TypeError(f"{name} must be a RemoteRegion or descriptor bytes, "
                             f"not {type(dst).__name__}")
         owner = region.owner
-        d = _core.Dest(self._peer(owner), region.bases[0], region.keys[0], region.nbytes,
-                       region, str(owner))
+        peer = self._peer(owner)
+        ident = (peer, region.keys, region.bases)
+        did = self._dest_ids.get(ident)
+        if did is None:
+            try:
+                did = self._core.dest_add(peer, region.bases, region.keys)
+            except _core.CoreError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+            self._dest_ids[ident] = did
+        d = _core.Dest(did, peer, region.nbytes, region, str(owner))
         if isinstance(dst, (bytes, RemoteRegion)):
             if len(self._dests) >= 65536:
                 self._dests.clear()
@@ -609,8 +716,7 @@ class TransferEngine:
         rid = self._c.new_id()
         nbytes = ps * sp.shape[0]
         try:
-            core.post_paged(rid, src, so, ss, sp, d.peer, d.base, d.key, do, ds, dp, ps,
-                            has_imm, iv)
+            core.post_paged(rid, src, so, ss, sp, d.id, do, ds, dp, ps, has_imm, iv)
         except _core.CoreError as exc:
             raise self._posted(exc, "write_paged", nbytes, d.peer_name) from None
         return self._c.track(rid, src, "write_paged", nbytes, d.peer_name)
@@ -621,7 +727,7 @@ class TransferEngine:
         core = self._core_or_closed()
         src = self._src(src_mr)
         tl = list(targets)
-        rows = np.empty((len(tl), 6), dtype=np.uint64)
+        rows = np.empty((len(tl), 4), dtype=np.uint64)
         total = 0
         for i, t in enumerate(tl):
             if not isinstance(t, ScatterTarget):
@@ -636,7 +742,7 @@ class TransferEngine:
             if do + n > d.nbytes:
                 raise ValueError(f"targets[{i}]: dst_offset {do} + length {n} exceeds dst's "
                                  f"{d.nbytes} bytes")
-            rows[i] = (d.peer, d.base, d.key, so, do, n)
+            rows[i] = (d.id, so, do, n)
             total += n
         has_imm = imm is not None
         iv = _imm("imm", imm) if has_imm else 0
@@ -647,14 +753,14 @@ class TransferEngine:
         core = self._core_or_closed()
         iv = _imm("imm", imm)
         dl = [self._dest(x, f"dsts[{i}]") for i, x in enumerate(dsts)]
-        rows = np.empty((len(dl), 6), dtype=np.uint64)
+        rows = np.empty((len(dl), 4), dtype=np.uint64)
         for i, d in enumerate(dl):
-            rows[i] = (d.peer, d.base, d.key, 0, 0, 0)
+            rows[i] = (d.id, 0, 0, 0)
         return self._post_rows("barrier", core, None, rows, 0, True, iv)
 
     def _post_rows(self, name: str, core: Any, src: Any, rows: np.ndarray, total: int,
                    has_imm: bool, iv: int) -> asyncio.Future:
-        """Post a table of (peer, base, key, src_off, dst_off, len) rows as one op."""
+        """Post a table of (dest id, src_off, dst_off, len) rows as one op."""
         rid = self._c.new_id()
         try:
             core.post_scatter(rid, src, rows, has_imm, iv)

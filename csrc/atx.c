@@ -4,10 +4,17 @@
  *
  * Threads:
  *   - the creating (Python) thread builds the libfabric objects, then starts
- *     the worker; from then on only the worker calls libfabric.
- *   - Python threads submit operations and synchronous commands into
- *     `sub_q` (mutex) and read records from `rec_q` (mutex + eventfd).
- *   - the worker owns ops, contexts, receive buffers and the peer table.
+ *     the worker.
+ *   - every libfabric call, and all op/peer/destination state, is under the
+ *     progress lock: the worker takes it for rounds of progress, a posting
+ *     thread takes it to post its operation inline.
+ *   - records go back through `recs` (rec_lock + eventfd).
+ *
+ * Several NICs: each work request (a chunk, a page, a scatter row, a tail
+ * immediate) picks its NIC when it is posted (choose_nic): the NIC with the
+ * least work in flight relative to its weight, among those with room.  A
+ * NIC that drains faster is chosen more often, so unequal links share the
+ * work by their real speed.  The remote NIC follows from the peer's lanes.
  */
 #define _GNU_SOURCE
 #include "atx.h"
@@ -44,12 +51,15 @@
 #define ATX_COALESCE_NS 25000ULL      /* hold a wake-up back at most this long */
 #define ATX_COALESCE_MAX 64           /* ...or until this many records wait */
 #define ATX_MAX_COUNTERS (1u << 20)   /* distinct immediate values counted at once */
+#define ATX_STRIPE (512u << 10)       /* several NICs: single writes split into these */
+#define ATX_NIC_BUDGET (8u << 20)     /* several NICs: bytes in flight per NIC */
+#define ATX_WR_COST 4096u             /* selector: a work request weighs like this many bytes */
 
 /* ------------------------------------------------------------------ ops */
 
 enum {
     OP_WRITE = 1, OP_PAGED, OP_SCATTER, OP_SEND,
-    CMD_MR_REG, CMD_MR_DEREG, CMD_PEER_INSERT,
+    CMD_MR_REG, CMD_MR_DEREG, CMD_PEER_INSERT, CMD_DEST_ADD,
 };
 
 enum { CTX_TX = 1, CTX_RX = 2 };
@@ -71,20 +81,38 @@ typedef struct atx_cmd {
     /* arguments */
     void *addr; size_t len; int remote_read; atx_mr *mr;
     int nnames; const void *const *names; const size_t *lens; uint64_t peer;
+    const uint64_t *bases, *keys;
 } atx_cmd;
+
+/* A peer: its NICs pair with ours as lanes (see atx.h).  route[l] lists
+ * the peer's NICs our NIC l talks to; fa[l][r] is r's address in l's AV. */
+typedef struct atx_peer {
+    int nremote;
+    int nroute[ATX_MAX_NICS];
+    uint8_t route[ATX_MAX_NICS][ATX_MAX_NICS];
+    uint32_t rr[ATX_MAX_NICS];
+    fi_addr_t fa[ATX_MAX_NICS][ATX_MAX_NICS];
+} atx_peer;
+
+/* A remote region: (base, key) per NIC of its owner. */
+typedef struct atx_dest {
+    uint64_t peer;
+    uint64_t base[ATX_MAX_NICS];
+    uint64_t key[ATX_MAX_NICS];
+} atx_dest;
 
 typedef struct atx_op {
     struct atx_op *next;              /* sub_q / post_q link */
     struct atx_op *lprev, *lnext;     /* live list */
     uint64_t id;
     int type;
-    int nic;
+    int nic;                          /* OP_SEND: the NIC; others: the first WR's */
     /* source */
     char *src;                        /* base address of the source region */
-    void *src_desc;
+    void *src_desc[ATX_MAX_NICS];     /* the source's descriptor per NIC */
     /* OP_WRITE */
     uint64_t src_off, dst_off, len, chunk;
-    atx_rdest dst;
+    uint64_t dest;                    /* OP_WRITE/OP_PAGED: destination id */
     /* OP_PAGED */
     int64_t *src_pages, *dst_pages;
     uint64_t src_stride, dst_stride, page_size;
@@ -138,6 +166,8 @@ typedef struct atx_nic {
     atx_ctx *tx_free;
     size_t tx_depth, tx_used;
     int tx_blocked;                   /* -FI_EAGAIN seen: no retry before a CQ poll */
+    uint64_t inflight_bytes;          /* payload posted, not completed */
+    uint64_t weight;                  /* selector share; 0: not chosen */
     atx_stats stats;
 } atx_nic;
 
@@ -170,8 +200,11 @@ struct atx_engine {
     /* worker-private */
     atx_op *post_head, *post_tail;
     atx_op *live;
-    fi_addr_t *peers;                  /* peers[p * nnics + nic] */
+    atx_peer *peers;
     size_t npeers, peers_cap;
+    atx_dest *dests;
+    size_t ndests, dests_cap;
+    unsigned rr_nic;                   /* selector's round-robin start */
     atx_record *batch;
     size_t batch_n, batch_cap;
 
@@ -479,6 +512,23 @@ static size_t post_pending(atx_engine *e);
 static size_t poll_cq(atx_engine *e, struct atx_nic *n, int rounds);
 static void batch_flush(atx_engine *e);
 
+/* Do the op's destinations (or peer) exist?  Called under prog_lock. */
+static int op_targets_valid(const atx_engine *e, const atx_op *op) {
+    switch (op->type) {
+    case OP_WRITE:
+    case OP_PAGED:
+        return op->dest < e->ndests;
+    case OP_SCATTER:
+        for (uint64_t i = 0; i < op->nwr; i++)
+            if (op->entries[i].dest >= e->ndests) return 0;
+        return 1;
+    case OP_SEND:
+        return op->peer < e->npeers;
+    default:
+        return 0;
+    }
+}
+
 static int submit(atx_engine *e, atx_op *op) {
     /* Post inline from the caller's thread: the worker holds the lock only
      * for short rounds of progress, and never needs the caller's GIL. */
@@ -486,6 +536,10 @@ static int submit(atx_engine *e, atx_op *op) {
     if (e->dead) {
         pthread_mutex_unlock(&e->prog_lock);
         return -FI_ESHUTDOWN;
+    }
+    if (!op_targets_valid(e, op)) {
+        pthread_mutex_unlock(&e->prog_lock);
+        return -FI_EINVAL;
     }
     accept_op(e, op);
     if (post_pending(e) == 0 && e->post_head) {
@@ -508,6 +562,11 @@ static atx_op *op_new(int type, uint64_t id) {
     return op;
 }
 
+static void op_src(atx_engine *e, atx_op *op, const atx_mr *src) {
+    op->src = src ? (char *)src->addr : NULL;
+    if (src) memcpy(op->src_desc, src->desc, (size_t)e->nnics * sizeof(void *));
+}
+
 static void op_free(atx_op *op) {
     free(op->src_pages);
     free(op->dst_pages);
@@ -518,20 +577,22 @@ static void op_free(atx_op *op) {
 }
 
 int atx_post_write(atx_engine *e, uint64_t id, const atx_mr *src, uint64_t src_off,
-                   const atx_rdest *dst, uint64_t dst_off, uint64_t len, int has_imm,
+                   uint64_t dest, uint64_t dst_off, uint64_t len, int has_imm,
                    uint32_t imm) {
     atx_op *op = op_new(OP_WRITE, id);
     int rc;
     if (!op) return -FI_ENOMEM;
-    op->src = src ? (char *)src->addr : NULL;
-    op->src_desc = src ? src->desc[0] : NULL;
+    op_src(e, op, src);
     op->src_off = src_off;
-    op->dst = *dst;
+    op->dest = dest;
     op->dst_off = dst_off;
     op->len = len;
     op->has_imm = has_imm;
     op->imm = imm;
     op->chunk = e->cfg.max_chunk;
+    /* several NICs: stripes, so that every NIC takes a share */
+    if (e->nnics > 1 && len > e->cfg.stripe && op->chunk > e->cfg.stripe)
+        op->chunk = e->cfg.stripe;
     if (len == 0)
         op->nwr = has_imm ? 1 : 0;
     else
@@ -543,7 +604,7 @@ int atx_post_write(atx_engine *e, uint64_t id, const atx_mr *src, uint64_t src_o
 }
 
 int atx_post_paged(atx_engine *e, uint64_t id, const atx_mr *src, uint64_t src_off,
-                   uint64_t src_stride, int64_t *src_pages, const atx_rdest *dst,
+                   uint64_t src_stride, int64_t *src_pages, uint64_t dest,
                    uint64_t dst_off, uint64_t dst_stride, int64_t *dst_pages, uint64_t npages,
                    uint64_t page_size, int has_imm, uint32_t imm) {
     atx_op *op = op_new(OP_PAGED, id);
@@ -553,12 +614,11 @@ int atx_post_paged(atx_engine *e, uint64_t id, const atx_mr *src, uint64_t src_o
         free(dst_pages);
         return -FI_ENOMEM;
     }
-    op->src = (char *)src->addr;
-    op->src_desc = src->desc[0];
+    op_src(e, op, src);
     op->src_off = src_off;
     op->src_stride = src_stride;
     op->src_pages = src_pages;
-    op->dst = *dst;
+    op->dest = dest;
     op->dst_off = dst_off;
     op->dst_stride = dst_stride;
     op->dst_pages = dst_pages;
@@ -579,8 +639,7 @@ int atx_post_scatter(atx_engine *e, uint64_t id, const atx_mr *src, atx_scatter_
         free(ent);
         return -FI_ENOMEM;
     }
-    op->src = src ? (char *)src->addr : NULL;
-    op->src_desc = src ? src->desc[0] : NULL;
+    op_src(e, op, src);
     op->entries = ent;
     op->nwr = n;
     op->has_imm = has_imm;
@@ -612,6 +671,7 @@ static void do_mr_dereg(atx_engine *e, atx_cmd *cmd);
 
 static void do_mr_reg(atx_engine *e, atx_cmd *cmd);
 static void do_peer_insert(atx_engine *e, atx_cmd *cmd);
+static void do_dest_add(atx_engine *e, atx_cmd *cmd);
 
 /* Run a command under the progress lock (called without the GIL). */
 static int run_cmd(atx_engine *e, int type, atx_cmd *cmd) {
@@ -627,6 +687,7 @@ static int run_cmd(atx_engine *e, int type, atx_cmd *cmd) {
     case CMD_MR_REG: do_mr_reg(e, cmd); break;
     case CMD_MR_DEREG: do_mr_dereg(e, cmd); break;
     case CMD_PEER_INSERT: do_peer_insert(e, cmd); break;
+    case CMD_DEST_ADD: do_dest_add(e, cmd); break;
     default: cmd->rc = -FI_EINVAL; break;
     }
     pthread_mutex_unlock(&e->prog_lock);
@@ -669,6 +730,30 @@ int atx_peer_insert(atx_engine *e, int nnames, const void *const *names, const s
     if (rc && err) snprintf(err, errlen, "%s", cmd.err[0] ? cmd.err : fi_strerror(-rc));
     if (!rc) *peer_out = cmd.peer;
     return rc;
+}
+
+int atx_dest_add(atx_engine *e, uint64_t peer, int n, const uint64_t *bases,
+                 const uint64_t *keys, uint64_t *dest_out, char *err, size_t errlen) {
+    atx_cmd cmd;
+    int rc;
+    memset(&cmd, 0, sizeof(cmd));
+    cmd.peer = peer;
+    cmd.nnames = n;
+    cmd.bases = bases;
+    cmd.keys = keys;
+    rc = run_cmd(e, CMD_DEST_ADD, &cmd);
+    if (rc && err) snprintf(err, errlen, "%s", cmd.err[0] ? cmd.err : fi_strerror(-rc));
+    if (!rc) *dest_out = cmd.peer;
+    return rc;
+}
+
+int atx_nic_set_weight(atx_engine *e, int nic, uint64_t weight) {
+    if (nic < 0 || nic >= e->nnics) return -FI_EINVAL;
+    pthread_mutex_lock(&e->prog_lock);
+    e->nics[nic].weight = weight;
+    pthread_mutex_unlock(&e->prog_lock);
+    kick_worker(e);
+    return 0;
 }
 
 /* ------------------------------------------------------------- worker */
@@ -727,16 +812,17 @@ static void do_mr_dereg(atx_engine *e, atx_cmd *cmd) {
 }
 
 static void do_peer_insert(atx_engine *e, atx_cmd *cmd) {
-    int rc = 0;
-    if (cmd->nnames != e->nnics) {
-        snprintf(cmd->err, sizeof(cmd->err), "peer has %d NICs, this engine %d", cmd->nnames,
-                 e->nnics);
+    int L = e->nnics, R = cmd->nnames, lanes;
+    atx_peer *p;
+    if (R < 1 || R > ATX_MAX_NICS) {
+        snprintf(cmd->err, sizeof(cmd->err), "peer lists %d NICs (1..%d allowed)", R,
+                 ATX_MAX_NICS);
         cmd_finish(cmd, -FI_EINVAL);
         return;
     }
     if (e->npeers == e->peers_cap) {
         size_t cap = e->peers_cap ? e->peers_cap * 2 : 16;
-        fi_addr_t *np = realloc(e->peers, cap * e->nnics * sizeof(fi_addr_t));
+        atx_peer *np = realloc(e->peers, cap * sizeof(*np));
         if (!np) {
             cmd_finish(cmd, -FI_ENOMEM);
             return;
@@ -744,19 +830,57 @@ static void do_peer_insert(atx_engine *e, atx_cmd *cmd) {
         e->peers = np;
         e->peers_cap = cap;
     }
-    for (int i = 0; i < e->nnics; i++) {
+    p = &e->peers[e->npeers];
+    memset(p, 0, sizeof(*p));
+    p->nremote = R;
+    lanes = L > R ? L : R;
+    for (int k = 0; k < lanes; k++) {
+        int l = k % L, r = k % R;
         fi_addr_t fa = FI_ADDR_NOTAVAIL;
-        int r = fi_av_insert(e->nics[i].av, cmd->names[i], 1, &fa, 0, NULL);
-        if (r != 1) {
-            snprintf(cmd->err, sizeof(cmd->err), "fi_av_insert: %s (%d)",
-                     fi_strerror(r < 0 ? -r : FI_EINVAL), r);
-            rc = r < 0 ? r : -FI_EINVAL;
-            break;
+        int rc = fi_av_insert(e->nics[l].av, cmd->names[r], 1, &fa, 0, NULL);
+        if (rc != 1) {
+            snprintf(cmd->err, sizeof(cmd->err), "fi_av_insert (our NIC %d, peer NIC %d): %s (%d)",
+                     l, r, fi_strerror(rc < 0 ? -rc : FI_EINVAL), rc);
+            cmd_finish(cmd, rc < 0 ? rc : -FI_EINVAL);
+            return;   /* AV entries already made stay unused */
         }
-        e->peers[e->npeers * e->nnics + i] = fa;
+        p->fa[l][r] = fa;
+        p->route[l][p->nroute[l]++] = (uint8_t)r;
     }
-    if (!rc) cmd->peer = e->npeers++;
-    cmd_finish(cmd, rc);
+    cmd->peer = e->npeers++;
+    cmd_finish(cmd, 0);
+}
+
+static void do_dest_add(atx_engine *e, atx_cmd *cmd) {
+    atx_dest *d;
+    if (cmd->peer >= e->npeers) {
+        snprintf(cmd->err, sizeof(cmd->err), "no peer %llu", (unsigned long long)cmd->peer);
+        cmd_finish(cmd, -FI_EINVAL);
+        return;
+    }
+    if (cmd->nnames != e->peers[cmd->peer].nremote) {
+        snprintf(cmd->err, sizeof(cmd->err), "region lists %d NICs, its owner's address %d",
+                 cmd->nnames, e->peers[cmd->peer].nremote);
+        cmd_finish(cmd, -FI_EINVAL);
+        return;
+    }
+    if (e->ndests == e->dests_cap) {
+        size_t cap = e->dests_cap ? e->dests_cap * 2 : 64;
+        atx_dest *nd = realloc(e->dests, cap * sizeof(*nd));
+        if (!nd) {
+            cmd_finish(cmd, -FI_ENOMEM);
+            return;
+        }
+        e->dests = nd;
+        e->dests_cap = cap;
+    }
+    d = &e->dests[e->ndests];
+    memset(d, 0, sizeof(*d));
+    d->peer = cmd->peer;
+    memcpy(d->base, cmd->bases, (size_t)cmd->nnames * sizeof(uint64_t));
+    memcpy(d->key, cmd->keys, (size_t)cmd->nnames * sizeof(uint64_t));
+    cmd->peer = e->ndests++;
+    cmd_finish(cmd, 0);
 }
 
 static void live_add(atx_engine *e, atx_op *op) {
@@ -827,9 +951,10 @@ static void ctx_put(atx_nic *n, atx_ctx *c) {
     n->tx_used--;
 }
 
-/* Describe work request i of op. */
-static void op_wr(atx_engine *e, atx_op *op, uint64_t i, void **lbuf, size_t *len,
-                  uint64_t *peer, uint64_t *raddr, uint64_t *key, int *imm) {
+/* Describe work request i of op: local buffer, length, destination id,
+ * offset in the destination region and whether it carries the immediate. */
+static void op_wr(const atx_op *op, uint64_t i, void **lbuf, size_t *len, uint64_t *dest,
+                  uint64_t *roff, int *imm) {
     switch (op->type) {
     case OP_WRITE: {
         uint64_t off = i * op->chunk;
@@ -837,102 +962,145 @@ static void op_wr(atx_engine *e, atx_op *op, uint64_t i, void **lbuf, size_t *le
         if (l > op->chunk) l = op->chunk;
         *lbuf = op->src ? op->src + op->src_off + off : NULL;
         *len = l;
-        *peer = op->dst.peer;
-        *raddr = op->dst.base + op->dst_off + off;
-        *key = op->dst.key;
+        *dest = op->dest;
+        *roff = op->dst_off + off;
         *imm = op->has_imm && op->nwr == 1;
         break;
     }
     case OP_PAGED:
         *lbuf = op->src + op->src_off + (uint64_t)op->src_pages[i] * op->src_stride;
         *len = op->page_size;
-        *peer = op->dst.peer;
-        *raddr = op->dst.base + op->dst_off + (uint64_t)op->dst_pages[i] * op->dst_stride;
-        *key = op->dst.key;
+        *dest = op->dest;
+        *roff = op->dst_off + (uint64_t)op->dst_pages[i] * op->dst_stride;
         *imm = op->has_imm;
         break;
     case OP_SCATTER: {
-        atx_scatter_entry *s = &op->entries[i];
+        const atx_scatter_entry *s = &op->entries[i];
         *lbuf = op->src ? op->src + s->src_off : NULL;
         *len = s->len;
-        *peer = s->peer;
-        *raddr = s->base + s->dst_off;
-        *key = s->key;
+        *dest = s->dest;
+        *roff = s->dst_off;
         *imm = op->has_imm;
         break;
     }
     default:
         *lbuf = NULL;
         *len = 0;
-        *peer = UINT64_MAX;
-        *raddr = *key = 0;
+        *dest = UINT64_MAX;
+        *roff = 0;
         *imm = 0;
         break;
     }
-    (void)e;
 }
 
-/* Post one work request of op.  Returns 0, 1 (no free context: the queue
- * depth is reached), -FI_EAGAIN (provider back-pressure) or an error. */
-static int post_one(atx_engine *e, atx_op *op) {
-    atx_nic *n = &e->nics[op->nic];
-    atx_ctx *c = ctx_get(n);
-    int rc;
-    if (!c) return 1; /* queue depth reached: wait for completions */
-    c->op = op;
-    if (op->type == OP_SEND) {
-        void *desc = NULL;
-        if (op->peer >= e->npeers) {
-            ctx_put(n, c);
-            return -FI_EINVAL;
+/* The NIC selector: which NIC takes a work request of len bytes now?  The
+ * one with the least work in flight (bytes, plus ATX_WR_COST per request)
+ * per unit of weight, among NICs with a free context, not pushed back and
+ * within nic_budget bytes in flight; ties go round-robin.  -1: none. */
+static int choose_nic(atx_engine *e, uint64_t len) {
+    int best = -1;
+    unsigned __int128 best_cost = 0;
+    uint64_t best_w = 1;
+    if (e->nnics == 1) {
+        atx_nic *n = &e->nics[0];
+        return n->tx_free && !n->tx_blocked ? 0 : -1;
+    }
+    for (int k = 0; k < e->nnics; k++) {
+        int i = (int)((e->rr_nic + (unsigned)k) % (unsigned)e->nnics);
+        atx_nic *n = &e->nics[i];
+        uint64_t load;
+        if (!n->tx_free || n->tx_blocked || !n->weight) continue;
+        if (n->inflight_bytes && n->inflight_bytes + len > e->cfg.nic_budget) continue;
+        load = n->inflight_bytes + len + (uint64_t)ATX_WR_COST * (n->tx_used + 1);
+        /* load / weight < best_cost / best_w, without division */
+        if (best < 0 || (unsigned __int128)load * best_w < best_cost * n->weight) {
+            best = i;
+            best_cost = load;
+            best_w = n->weight;
         }
+    }
+    if (best >= 0) e->rr_nic = (unsigned)best + 1;
+    return best;
+}
+
+/* Our NIC `nic` reaching destination `dest`: the peer's NIC (rotating over
+ * the lanes of `nic`), its address, and the region's base and key there. */
+static void route_wr(atx_engine *e, uint64_t dest, int nic, fi_addr_t *fa, uint64_t *base,
+                     uint64_t *key) {
+    const atx_dest *d = &e->dests[dest];
+    atx_peer *p = &e->peers[d->peer];
+    int r = p->route[nic][p->nroute[nic] == 1 ? 0 : p->rr[nic]++ % (uint32_t)p->nroute[nic]];
+    *fa = p->fa[nic][r];
+    *base = d->base[r];
+    *key = d->key[r];
+}
+
+/* Post one work request of op.  Returns 0, 1 (no NIC can take it now: queue
+ * depth, budget or back-pressure) or an error (-FI_EAGAIN: NIC *nic_out
+ * pushed back). */
+static int post_one(atx_engine *e, atx_op *op, int *nic_out) {
+    atx_nic *n;
+    atx_ctx *c;
+    int rc, nic;
+    struct fi_msg_rma msg;
+    struct iovec iov;
+    struct fi_rma_iov riov;
+    void *desc;
+    uint64_t dest, roff, base, key, flags = FI_COMPLETION;
+    fi_addr_t fa;
+    size_t len;
+    int with_imm;
+    void *lbuf;
+
+    if (op->type == OP_SEND) {
+        const atx_peer *p;
+        nic = op->nic;
+        n = &e->nics[nic];
+        *nic_out = nic;
+        if (!n->tx_free || n->tx_blocked) return 1;
+        if (op->peer >= e->npeers) return -FI_EINVAL;
+        p = &e->peers[op->peer];
+        desc = NULL;
         if (n->pub.mr_local && !op->msg_mr) {
             rc = fi_mr_reg(n->domain, op->msg, op->msglen ? op->msglen : 1, FI_SEND, 0,
                            e->next_key++, 0, &op->msg_mr, NULL);
-            if (rc) {
-                ctx_put(n, c);
-                return rc;
-            }
+            if (rc) return rc;
         }
         if (op->msg_mr) desc = fi_mr_desc(op->msg_mr);
-        rc = fi_send(n->ep, op->msg, op->msglen, desc, e->peers[op->peer * e->nnics + op->nic],
-                     c);
-        c->bytes = op->msglen;
+        c = ctx_get(n);
+        c->op = op;
+        rc = (int)fi_send(n->ep, op->msg, op->msglen, desc, p->fa[nic][p->route[nic][0]], c);
+        len = op->msglen;
     } else {
-        struct fi_msg_rma msg;
-        struct iovec iov;
-        struct fi_rma_iov riov;
-        void *desc;
-        uint64_t peer, raddr, key, flags = FI_COMPLETION;
-        size_t len;
-        int with_imm;
-        void *lbuf;
         if (op->tail_imm == 2) {
             /* the immediate of a multi-chunk write, after all chunks landed */
             lbuf = NULL;
             len = 0;
-            peer = op->dst.peer;
-            raddr = op->dst.base + op->dst_off;
-            key = op->dst.key;
+            dest = op->dest;
+            roff = op->dst_off;
             with_imm = 1;
         } else {
-            op_wr(e, op, op->next_wr, &lbuf, &len, &peer, &raddr, &key, &with_imm);
+            op_wr(op, op->next_wr, &lbuf, &len, &dest, &roff, &with_imm);
         }
-        if (peer >= e->npeers) {
-            ctx_put(n, c);
-            return -FI_EINVAL;
-        }
-        desc = op->src_desc;
+        if (dest >= e->ndests) return -FI_EINVAL;
+        nic = choose_nic(e, len);
+        *nic_out = nic;
+        if (nic < 0) return 1;
+        n = &e->nics[nic];
+        route_wr(e, dest, nic, &fa, &base, &key);
+        c = ctx_get(n);
+        c->op = op;
+        desc = op->src_desc[nic];
         iov.iov_base = lbuf;
         iov.iov_len = len;
-        riov.addr = raddr;
+        riov.addr = base + roff;
         riov.len = len;
         riov.key = key;
         memset(&msg, 0, sizeof(msg));
         msg.msg_iov = &iov;
         msg.desc = &desc;
         msg.iov_count = 1;
-        msg.addr = e->peers[peer * e->nnics + op->nic];
+        msg.addr = fa;
         msg.rma_iov = &riov;
         msg.rma_iov_count = 1;
         msg.context = c;
@@ -949,49 +1117,55 @@ static int post_one(atx_engine *e, atx_op *op) {
         /* Zero-byte writes place nothing; shm 1.17 never completes them
          * under FI_DELIVERY_COMPLETE, so they use the default completion. */
         if (n->pub.delivery_complete && len) flags |= FI_DELIVERY_COMPLETE;
-        rc = fi_writemsg(n->ep, &msg, flags);
-        c->bytes = len;
+        rc = (int)fi_writemsg(n->ep, &msg, flags);
     }
     if (rc) {
         ctx_put(n, c);
         return rc;
     }
+    c->bytes = len;
+    n->inflight_bytes += len;
     n->stats.wrs_posted++;
+    if (op->next_wr == 0 && op->tail_imm != 2) {
+        op->nic = nic;
+        n->stats.ops_posted++;
+    }
     op->inflight++;
     if (op->tail_imm == 2) op->tail_imm = 3;
     else op->next_wr++;
     return 0;
 }
 
-/* Post queued work until the queue is empty, a context pool runs dry or the
- * provider says -FI_EAGAIN.  Returns the number of WRs posted. */
+/* Post queued work until the queue is empty, no NIC can take more or the
+ * provider pushes back on every NIC.  Returns the number of WRs posted. */
 static size_t post_pending(atx_engine *e) {
     size_t posted = 0;
     while (e->post_head) {
         atx_op *op = e->post_head;
         int more;
-        if (e->nics[op->nic].tx_blocked) break;
         more = op->status == 0 &&
                    (op->next_wr < op->nwr || op->tail_imm == 2);
         if (more && op->tail_imm == 1 && op->next_wr == op->nwr) more = 0;
         if (more) {
-            int rc = post_one(e, op);
+            int nic = -1;
+            int rc = post_one(e, op, &nic);
             if (rc == 0) {
                 posted++;
                 continue;
             }
             if (rc == 1) break;
             if (rc == -FI_EAGAIN) {
-                e->nics[op->nic].stats.eagain++;
-                e->nics[op->nic].tx_blocked = 1;
-                break;
+                /* this NIC waits for a CQ poll; another may take the WR */
+                e->nics[nic].stats.eagain++;
+                e->nics[nic].tx_blocked = 1;
+                continue;
             }
             {
                 char text[ATX_ERRLEN];
                 snprintf(text, sizeof(text), "posting %s failed: %s",
                          op->type == OP_SEND ? "fi_send" : "fi_writemsg", fi_strerror(-rc));
                 op_fail(op, rc, 0, text);
-                e->nics[op->nic].stats.errors++;
+                e->nics[nic >= 0 ? nic : 0].stats.errors++;
             }
         }
         /* nothing more to post for this op now */
@@ -1004,9 +1178,9 @@ static size_t post_pending(atx_engine *e) {
 }
 
 static void accept_op(atx_engine *e, atx_op *op) {
-    e->nics[op->nic].stats.ops_posted++;
     live_add(e, op);
     if (op->nwr == 0) {
+        e->nics[0].stats.ops_posted++;
         op_complete(e, op);
         return;
     }
@@ -1028,6 +1202,7 @@ static void handle_tx_done(atx_engine *e, atx_nic *n, atx_ctx *c, int status, in
     atx_op *op = c->op;
     uint64_t bytes = c->bytes;
     ctx_put(n, c);
+    n->inflight_bytes -= bytes;
     op->inflight--;
     if (status) {
         op_fail(op, status, prov_errno, text);
@@ -1159,12 +1334,14 @@ static void worker_sleep(atx_engine *e, uint64_t timeout_ns, int use_cq_fds) {
     pfd[nfd].events = POLLIN;
     nfd++;
     if (use_cq_fds) {
-        struct fid *fids[ATX_MAX_NICS];
-        int rc;
-        for (int i = 0; i < e->nnics; i++) fids[i] = &e->nics[i].cq->fid;
-        /* arm, then check again: never block on a CQ with entries */
+        int rc = FI_SUCCESS;
+        /* arm, then check again: never block on a CQ with entries (each
+         * NIC has a fabric of its own) */
         pthread_mutex_lock(&e->prog_lock);
-        rc = fi_trywait(e->nics[0].fabric, fids, e->nnics);
+        for (int i = 0; i < e->nnics && rc == FI_SUCCESS; i++) {
+            struct fid *f = &e->nics[i].cq->fid;
+            rc = fi_trywait(e->nics[i].fabric, &f, 1);
+        }
         pthread_mutex_unlock(&e->prog_lock);
         if (rc != FI_SUCCESS) goto out;
         for (int i = 0; i < e->nnics; i++) {
@@ -1438,7 +1615,8 @@ static struct fi_info *make_hints(const atx_config *cfg) {
      * progress threads stall with deep windows (seen here) */
     h->domain_attr->data_progress = FI_PROGRESS_MANUAL;
     h->fabric_attr->prov_name = strdup(cfg->provider);
-    if (cfg->domain && cfg->domain[0]) h->domain_attr->name = strdup(cfg->domain);
+    if (cfg->ndomains == 1 && cfg->domains[0] && cfg->domains[0][0])
+        h->domain_attr->name = strdup(cfg->domains[0]);
     return h;
 }
 
@@ -1448,39 +1626,56 @@ static uint64_t env_u64(const char *name, uint64_t scale, uint64_t dflt) {
     return v && *v ? strtoull(v, NULL, 10) * scale : dflt;
 }
 
+/* The fi_info of domain `name` (NULL: the first), preferring IPv4. */
+static struct fi_info *pick_domain(struct fi_info *list, const char *name) {
+    for (int pass = 0; pass < 2; pass++) {
+        for (struct fi_info *i = list; i; i = i->next) {
+            /* layered providers do not always filter by domain name */
+            if (name && (!i->domain_attr->name || strcmp(i->domain_attr->name, name) != 0))
+                continue;
+            if (pass == 0 && i->addr_format != FI_SOCKADDR_IN) continue;
+            return i;
+        }
+    }
+    return NULL;
+}
+
 int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t errlen) {
-    struct fi_info *hints, *list = NULL, *pick = NULL;
+    struct fi_info *hints, *list = NULL, *pick[ATX_MAX_NICS];
     atx_engine *e;
-    int rc;
+    int rc, ndom = cfg->ndomains > 0 ? cfg->ndomains : 1, known = 1;
 
     *out = NULL;
+    if (cfg->ndomains < 0 || cfg->ndomains > ATX_MAX_NICS) {
+        snprintf(err, errlen, "%d NICs asked for (1..%d allowed)", cfg->ndomains, ATX_MAX_NICS);
+        return -FI_EINVAL;
+    }
     hints = make_hints(cfg);
     if (!hints) return -FI_ENOMEM;
     rc = fi_getinfo(FI_VERSION(1, 17), NULL, NULL, 0, hints, &list);
     fi_freeinfo(hints);
     if (rc || !list) {
         snprintf(err, errlen, "no libfabric provider matches provider=%s domain=%s: %s",
-                 cfg->provider, cfg->domain ? cfg->domain : "(any)",
+                 cfg->provider, cfg->ndomains == 1 ? cfg->domains[0] : "(any)",
                  fi_strerror(rc < 0 ? -rc : FI_ENODATA));
         return rc ? rc : -FI_ENODATA;
     }
-    /* Layered providers do not always filter by domain name: do it here.
-     * Prefer IPv4 addressing where there is a choice. */
-    for (int pass = 0; pass < 2 && !pick; pass++) {
-        for (struct fi_info *i = list; i; i = i->next) {
-            if (cfg->domain && cfg->domain[0] &&
-                (!i->domain_attr->name || strcmp(i->domain_attr->name, cfg->domain) != 0))
-                continue;
-            if (pass == 0 && i->addr_format != FI_SOCKADDR_IN) continue;
-            pick = i;
-            break;
+    for (int d = 0; d < ndom; d++) {
+        const char *name = cfg->ndomains ? cfg->domains[d] : NULL;
+        pick[d] = pick_domain(list, name && name[0] ? name : NULL);
+        if (!pick[d]) {
+            snprintf(err, errlen, "provider %s has no NIC (domain) named %s", cfg->provider,
+                     name ? name : "?");
+            fi_freeinfo(list);
+            return -FI_ENODATA;
         }
-    }
-    if (!pick) {
-        snprintf(err, errlen, "provider %s has no NIC (domain) named %s", cfg->provider,
-                 cfg->domain);
-        fi_freeinfo(list);
-        return -FI_ENODATA;
+        for (int j = 0; j < d; j++) {
+            if (pick[j] == pick[d]) {
+                snprintf(err, errlen, "NIC %s is listed twice", name ? name : "?");
+                fi_freeinfo(list);
+                return -FI_EINVAL;
+            }
+        }
     }
 
     e = calloc(1, sizeof(*e));
@@ -1491,9 +1686,12 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     e->cfg = *cfg;
     snprintf(e->provider, sizeof(e->provider), "%s", cfg->provider);
     e->cfg.provider = e->provider;
-    e->cfg.domain = NULL;
+    memset(e->cfg.domains, 0, sizeof(e->cfg.domains));
+    e->cfg.ndomains = 0;
     if (e->cfg.msg_size == 0) e->cfg.msg_size = 65536;
     if (e->cfg.msg_count <= 0) e->cfg.msg_count = 64;
+    if (e->cfg.stripe == 0) e->cfg.stripe = ATX_STRIPE;
+    if (e->cfg.nic_budget == 0) e->cfg.nic_budget = ATX_NIC_BUDGET;
     e->next_key = 1;
     e->max_counters = env_u64("AIOTRANSFER_MAX_IMM_VALUES", 1, ATX_MAX_COUNTERS);
     e->coalesce_ns = env_u64("AIOTRANSFER_COALESCE_US", 1000, ATX_COALESCE_NS);
@@ -1504,15 +1702,23 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     pthread_mutex_init(&e->rec_lock, NULL);
     pthread_mutex_init(&e->imm_lock, NULL);
 
-    e->nnics = 1;
-    rc = open_nic(e, &e->nics[0], pick, err, errlen);
-    fi_freeinfo(list);
-    if (rc) {
-        atx_engine_destroy(e);
-        return rc;
+    for (int d = 0; d < ndom; d++) {
+        rc = open_nic(e, &e->nics[d], pick[d], err, errlen);
+        e->nnics = d + 1;   /* destroy closes what was opened */
+        if (rc) {
+            fi_freeinfo(list);
+            atx_engine_destroy(e);
+            return rc;
+        }
+        if (e->cfg.max_chunk == 0 || e->cfg.max_chunk > e->nics[d].pub.max_msg_size)
+            e->cfg.max_chunk = e->nics[d].pub.max_msg_size;
+        /* selector weight: the link speed in Mbit/s where libfabric knows it */
+        e->nics[d].weight = e->nics[d].pub.link_speed / 1000000u;
+        if (!e->nics[d].weight) known = 0;
     }
-    if (e->cfg.max_chunk == 0 || e->cfg.max_chunk > e->nics[0].pub.max_msg_size)
-        e->cfg.max_chunk = e->nics[0].pub.max_msg_size;
+    fi_freeinfo(list);
+    if (!known)
+        for (int d = 0; d < ndom; d++) e->nics[d].weight = 1;
     if (e->cfg.max_chunk > (1ULL << 30)) e->cfg.max_chunk = 1ULL << 30;
 
     rc = pthread_create(&e->thread, NULL, worker_main, e);
@@ -1554,6 +1760,7 @@ void atx_engine_destroy(atx_engine *e) {
     free(e->recs);
     free(e->batch);
     free(e->peers);
+    free(e->dests);
     if (e->ctab) {
         for (size_t i = 0; i < e->ctab_cap; i++) {
             atx_waiter *w = e->ctab[i].head;
@@ -1576,5 +1783,9 @@ void atx_engine_destroy(atx_engine *e) {
 void atx_engine_stats(atx_engine *e, int nic, atx_stats *out) {
     memset(out, 0, sizeof(*out));
     if (nic < 0 || nic >= e->nnics) return;
+    pthread_mutex_lock(&e->prog_lock);
     memcpy(out, &e->nics[nic].stats, sizeof(*out));
+    out->inflight_bytes = e->nics[nic].inflight_bytes;
+    out->weight = e->nics[nic].weight;
+    pthread_mutex_unlock(&e->prog_lock);
 }

@@ -1,11 +1,13 @@
 /*
  * atx: the synchronous C core of aiotransfer.
  *
- * One engine = one libfabric endpoint (per NIC) owned by one progress worker
- * thread.  Python never touches a libfabric object: it submits operations
- * through a queue, the worker posts them, polls the completion queue, counts
- * immediates and hands completion records back through a second queue,
- * waking the event loop through an eventfd once per burst.
+ * One engine = one libfabric endpoint per NIC, all progressed by one worker
+ * thread (and inline by the posting thread, under one progress lock).
+ * Python never touches a libfabric object.  Every work request picks its
+ * NIC when it is posted (the NIC selector, see choose_nic in atx.c); the
+ * worker polls the completion queues, counts immediates and hands
+ * completion records back through a queue, waking the event loop through
+ * an eventfd once per burst.
  *
  * Nothing in this file calls the Python C API.
  */
@@ -41,7 +43,8 @@ typedef struct atx_record {
 
 typedef struct atx_config {
     const char *provider;     /* exact libfabric provider name, e.g. "tcp;ofi_rxm" */
-    const char *domain;       /* domain (NIC) name or NULL for the first */
+    const char *domains[ATX_MAX_NICS]; /* domain (NIC) names; ndomains 0: the first */
+    int ndomains;
     int delivery_complete;    /* 1: FI_DELIVERY_COMPLETE on every write */
     size_t msg_size;          /* max control message payload */
     int msg_count;            /* posted receive buffers */
@@ -49,6 +52,8 @@ typedef struct atx_config {
     size_t max_chunk;         /* split single writes into chunks of at most this */
     size_t tx_depth;          /* work requests in flight per NIC, 0: provider's queue size */
     int no_wait_fd;           /* never block on the CQ's wait fd: poll with backoff */
+    size_t stripe;            /* several NICs: single writes split into stripes of this */
+    size_t nic_budget;        /* several NICs: bytes in flight per NIC before choosing another */
 } atx_config;
 
 typedef struct atx_nic_info {
@@ -84,17 +89,10 @@ typedef struct atx_mr {
     uint64_t base[ATX_MAX_NICS]; /* remote address of byte 0 as peers must use it */
 } atx_mr;
 
-/* One remote region as the poster needs it. */
-typedef struct atx_rdest {
-    uint64_t peer;            /* index into the engine's peer table */
-    uint64_t base;            /* address of byte 0 in the target's addressing */
-    uint64_t key;
-} atx_rdest;
-
-/* Paged description: page i goes from src_base + src_pages[i]*src_stride to
- * dst.base + dst_pages[i]*dst_stride, page_size bytes. */
+/* One row of a scatter: len bytes from src_off to dst_off of destination
+ * `dest` (an id from atx_dest_add). */
 typedef struct atx_scatter_entry {
-    uint64_t peer, base, key; /* destination */
+    uint64_t dest;
     uint64_t src_off;
     uint64_t dst_off;
     uint64_t len;
@@ -118,17 +116,26 @@ void atx_engine_destroy(atx_engine *e);
 int atx_mr_reg(atx_engine *e, void *addr, size_t len, int remote_read, atx_mr *out,
                char *err, size_t errlen);
 int atx_mr_dereg(atx_engine *e, atx_mr *mr);
-/* Insert a peer (one raw endpoint name per NIC); returns the peer index. */
+/* Insert a peer (one raw endpoint name per NIC of the peer: 1..ATX_MAX_NICS,
+ * not necessarily as many as ours); returns the peer index.  NICs pair as
+ * lanes: lane k < max(L, R) joins our NIC k % L with the peer's NIC k % R. */
 int atx_peer_insert(atx_engine *e, int nnames, const void *const *names, const size_t *lens,
                     uint64_t *peer_out, char *err, size_t errlen);
+/* A remote region of peer `peer`: (base, key) per NIC of the peer.  Returns
+ * its id, which operations name; ids stay valid for the engine's life. */
+int atx_dest_add(atx_engine *e, uint64_t peer, int n, const uint64_t *bases,
+                 const uint64_t *keys, uint64_t *dest_out, char *err, size_t errlen);
+/* Relative share of NIC i in the selector (link speed, any unit); 0 takes
+ * the NIC out of the selection (it still receives). */
+int atx_nic_set_weight(atx_engine *e, int nic, uint64_t weight);
 
 /* --- asynchronous operations (return immediately; completion is a record) --- */
 int atx_post_write(atx_engine *e, uint64_t id, const atx_mr *src, uint64_t src_off,
-                   const atx_rdest *dst, uint64_t dst_off, uint64_t len,
+                   uint64_t dest, uint64_t dst_off, uint64_t len,
                    int has_imm, uint32_t imm);
 /* Takes ownership of the page arrays (malloc'd, int64). */
 int atx_post_paged(atx_engine *e, uint64_t id, const atx_mr *src, uint64_t src_off,
-                   uint64_t src_stride, int64_t *src_pages, const atx_rdest *dst,
+                   uint64_t src_stride, int64_t *src_pages, uint64_t dest,
                    uint64_t dst_off, uint64_t dst_stride, int64_t *dst_pages,
                    uint64_t npages, uint64_t page_size, int has_imm, uint32_t imm);
 /* Takes ownership of entries (malloc'd). */
@@ -164,6 +171,8 @@ typedef struct atx_stats {
     uint64_t imms_received, msgs_received, errors, eagain;
     uint64_t wakeups, polls;
     uint64_t imms_dropped;    /* arrivals of new values beyond the counter table's bound */
+    uint64_t inflight_bytes;  /* payload posted on this NIC, not yet completed */
+    uint64_t weight;          /* the NIC's share in the selector */
 } atx_stats;
 void atx_engine_stats(atx_engine *e, int nic, atx_stats *out);
 

@@ -34,11 +34,11 @@ def test_core_write_records_and_counters(basic_provider):
         dst = np.zeros(1 << 20, np.uint8)
         smr, dmr = a.register(src), b.register(dst)
         peer = a.peer_insert([b.getname(0)])
+        dest = a.dest_add(peer, [dmr.base(0)], [dmr.key(0)])
         # a waiter armed before anything arrived (id 900), fired by 3 arrivals
         assert b.imm_expect(7, 3, 900) is False
         for i in range(3):
-            a.post_write(i + 1, smr, i * 4096, peer, dmr.base(0), dmr.key(0), i * 8192, 4096,
-                         True, 7)
+            a.post_write(i + 1, smr, i * 4096, dest, i * 8192, 4096, True, 7)
         recs = _wait_records(a, 3)
         assert sorted((r[0], r[1], r[2]) for r in recs) == [(_core.REC_OP, i, 0) for i in (1, 2, 3)]
         assert all(r[4] == 4096 for r in recs)
@@ -47,7 +47,7 @@ def test_core_write_records_and_counters(basic_provider):
         for i in range(3):
             assert (dst[i * 8192:i * 8192 + 4096] == src[i * 4096:(i + 1) * 4096]).all()
         # arrivals before the waiter: counted, then consumed at once
-        a.post_write(4, smr, 0, peer, dmr.base(0), dmr.key(0), 0, 16, True, 8)
+        a.post_write(4, smr, 0, dest, 0, 16, True, 8)
         _wait_records(a, 1)
         deadline = time.monotonic() + 30
         while b.imm_value(8) != (1, 1):
@@ -74,13 +74,14 @@ def test_core_stop_fails_queued_work(basic_provider):
         smr = a.register(np.ones(1 << 16, np.uint8))
         dmr = b.register(np.zeros(1 << 16, np.uint8))
         peer = a.peer_insert([b.getname(0)])
-        a.post_write(1, smr, 0, peer, dmr.base(0), dmr.key(0), 0, 1 << 16, False, 0)
+        dest = a.dest_add(peer, [dmr.base(0)], [dmr.key(0)])
+        a.post_write(1, smr, 0, dest, 0, 1 << 16, False, 0)
         a.stop()
         recs = a.drain()
         assert [r[1] for r in recs] == [1]
         assert recs[0][2] in (0, _core.FI_ECANCELED)
         with pytest.raises(_core.CoreError):
-            a.post_write(2, smr, 0, peer, dmr.base(0), dmr.key(0), 0, 8, False, 0)
+            a.post_write(2, smr, 0, dest, 0, 8, False, 0)
         a.deregister(smr)
         b.deregister(dmr)
     finally:
