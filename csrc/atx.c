@@ -1115,8 +1115,11 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out) {
             msg.data = 0;
         }
         /* Zero-byte writes place nothing; shm 1.17 never completes them
-         * under FI_DELIVERY_COMPLETE, so they use the default completion. */
-        if (n->pub.delivery_complete && len) flags |= FI_DELIVERY_COMPLETE;
+         * under FI_DELIVERY_COMPLETE, so they use the default completion.
+         * The chunks of a write whose immediate follows them (tail_imm) are
+         * always delivery-complete: over several NICs (connections) nothing
+         * else orders the immediate after them. */
+        if (len && (n->pub.delivery_complete || op->tail_imm)) flags |= FI_DELIVERY_COMPLETE;
         rc = (int)fi_writemsg(n->ep, &msg, flags);
     }
     if (rc) {

@@ -52,19 +52,31 @@ def expected_regions(plan: dict) -> list[np.ndarray]:
     return regions
 
 
-def receiver_main(conn, provider: str, plan: dict) -> None:
-    """Child: own engine + regions; verify every byte, immediate and message."""
+def _enter(where: dict | None) -> Any:
+    """Move this child into a testbed host (``where["netns"]``); returns the
+    ``nics=`` its engine uses (``where["nics"]``, else the provider default)."""
+    if where and where.get("netns"):
+        from aiotransfer import testbed
+        testbed.enter(where["netns"])
+    return (where or {}).get("nics")
+
+
+def receiver_main(conn, provider: str, plan: dict, where: dict | None = None) -> None:
+    """Child: own engine + regions; verify every byte, immediate and message.
+    ``where``: {"netns": testbed host, "nics": [...]} to run on a testbed host."""
     _child_setup()
     try:
-        asyncio.run(_receiver(conn, provider, plan))
+        nics = _enter(where)
+        asyncio.run(_receiver(conn, provider, plan, nics))
     except BaseException:  # report anything to the parent, then exit non-zero
         with contextlib.suppress(Exception):
             conn.send(("error", traceback.format_exc()))
         raise
 
 
-async def _receiver(conn, provider: str, plan: dict) -> None:
-    async with aiotransfer.TransferEngine(provider=provider, nics=nics_for(provider)) as engine:
+async def _receiver(conn, provider: str, plan: dict, nics: Any = None) -> None:
+    async with aiotransfer.TransferEngine(provider=provider,
+                                          nics=nics or nics_for(provider)) as engine:
         bufs = [random_bytes(np.random.default_rng(plan["fill_seed"] + i), n)
                 for i, n in enumerate(plan["regions"])]
         mrs = [engine.register(b) for b in bufs]
@@ -101,7 +113,7 @@ async def _receiver(conn, provider: str, plan: dict) -> None:
             c = engine.imm_counter(imm)
             if (c.value, c.total) != (0, count):
                 errors.append(f"imm {imm}: value {c.value} total {c.total}, expected 0/{count}")
-        total = engine.stats()[0]["imms_received"]
+        total = sum(s["imms_received"] for s in engine.stats())
         if total != sum(plan["imms"].values()):
             errors.append(f"{total} immediates received, expected {sum(plan['imms'].values())}")
         if echo_to is not None and not errors:
@@ -237,6 +249,35 @@ async def run_ops(engine, smr, ops: list[tuple], descs: list[list[bytes]],
             futs.append(engine.send(addresses[rcv], data))
     results = await asyncio.wait_for(asyncio.gather(*futs), STEP_TIMEOUT)
     assert results == [None] * len(futs)
+
+
+# ------------------------------------------------------ sender children
+
+def sender_main(conn, provider: str, where: dict, ops: list[tuple], src_seed: int,
+                src_size: int) -> None:
+    """Child: on a testbed host, run a PlanBuilder's operations against the
+    receivers' descriptors; report per-NIC stats."""
+    _child_setup()
+    try:
+        nics = _enter(where)
+        asyncio.run(_sender(conn, provider, nics, ops, src_seed, src_size))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.send(("error", traceback.format_exc()))
+        raise
+
+
+async def _sender(conn, provider: str, nics: Any, ops: list[tuple], src_seed: int,
+                  src_size: int) -> None:
+    async with aiotransfer.TransferEngine(provider=provider, nics=nics) as engine:
+        smr = engine.register(random_bytes(np.random.default_rng(src_seed), src_size))
+        conn.send(("ready", engine.address, [n.name for n in engine.nics]))
+        kind, descs, addresses = await pipe_recv(conn)
+        assert kind == "targets", kind
+        await run_ops(engine, smr, ops, descs, addresses)
+        conn.send(("sent", engine.stats()))
+        kind, *_ = await pipe_recv(conn)
+        assert kind == "bye", kind
 
 
 # ------------------------------------------------------ writer children
