@@ -31,6 +31,7 @@ cdef extern from "atx.h" nogil:
         int no_wait_fd
         size_t stripe
         size_t nic_budget
+        uint64_t peer_timeout_ns
 
     ctypedef struct atx_nic_info:
         char name[64]

@@ -22,6 +22,8 @@ REC_WAITER = ATX_REC_WAITER
 REC_MSG = ATX_REC_MSG
 FI_ECANCELED = -_errno.ECANCELED
 FI_ESHUTDOWN = -_errno.ESHUTDOWN
+FI_ETIMEDOUT = -_errno.ETIMEDOUT
+FI_EBUSY = -_errno.EBUSY
 
 cdef enum:
     DRAIN_BATCH = 1024
@@ -101,7 +103,8 @@ cdef class CoreEngine:
 
     def __init__(self, str provider, domains=None, *, bint delivery_complete=True,
                  size_t msg_size=65536, int msg_count=64, int cpu=-1, size_t max_chunk=0,
-                 size_t tx_depth=0, bint wait_fd=True, size_t stripe=0, size_t nic_budget=0):
+                 size_t tx_depth=0, bint wait_fd=True, size_t stripe=0, size_t nic_budget=0,
+                 double peer_timeout=0):
         """domains: None (the provider's first NIC), a name, or a list of names."""
         cdef atx_config cfg
         cdef char err[256]
@@ -121,6 +124,7 @@ cdef class CoreEngine:
             cfg.domains[i] = <bytes>dom_b[i]
         cfg.stripe = stripe
         cfg.nic_budget = nic_budget
+        cfg.peer_timeout_ns = <uint64_t>(peer_timeout * 1e9)
         cfg.delivery_complete = delivery_complete
         cfg.msg_size = msg_size
         cfg.msg_count = msg_count
@@ -228,6 +232,10 @@ cdef class CoreEngine:
             return
         with nogil:
             rc = atx_mr_dereg(self.e, &m.mr)
+        if rc == FI_EBUSY:
+            raise BufferError("region still read by work requests at the NIC (an operation "
+                              "failed early, its peer unreachable); retry later or close "
+                              "the engine")
         m.registered = False
         PyBuffer_Release(&m.view)
         m.have_view = False

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import sys
 
-from . import TransferEngine, TransferError, __version__, _core
+from . import TransferEngine, TransferError, __version__, _core, topology
 from .engine import sysfs_link_speed
 
 
@@ -58,6 +58,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         out = subprocess.run(["ibv_devices"], capture_output=True, text=True).stdout
         devs = [ln.split()[0] for ln in out.splitlines()[2:] if ln.strip()]
         print(f"verbs devices: {', '.join(devs) if devs else 'none'}")
+    print()
+    print(topology.format_groups(topology.detect(args.sysfs)))
     return 0
 
 
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("info", help="list providers and NICs libfabric offers here")
     p.add_argument("--provider", default=None, help="only this libfabric provider")
     p.add_argument("--all", action="store_true", help="include utility/experimental providers")
+    p.add_argument("--sysfs", default="/sys", metavar="PATH",
+                   help="read the GPU/NIC/CPU topology from this sysfs tree (default: %(default)s)")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("demo", help="run the two-process paged-write demo")
     p.add_argument("rest", nargs=argparse.REMAINDER)

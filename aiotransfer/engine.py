@@ -105,7 +105,7 @@ def _topology_nics(provider: str, gpu: int | None) -> list[str]:
     if group is None or group.gpu is None:
         return []
     offered = {dom for p, dom, *_ in _core.fabric_info(provider)}
-    return [d for nic in group.nics for d in nic.domain_names if d in offered]
+    return [d for d in group.domains(provider) if d in offered]
 
 
 # ------------------------------------------------------------------ checks
@@ -291,8 +291,9 @@ def _op_error(op: Any, status: int, text: str | None, closing: bool) -> Transfer
     if closing or (status == _core.FI_ECANCELED and text == "engine closed"):
         return EngineClosedError("engine closed with the operation in flight", op=op.name,
                                  nbytes=op.nbytes, peer=op.peer, code=status)
-    return TransferError(f"{op.name} failed: {_core.strerror(status)}", op=op.name,
-                         nbytes=op.nbytes, peer=op.peer, provider_text=text, code=status)
+    cls = PeerError if status == _core.FI_ETIMEDOUT else TransferError
+    return cls(f"{op.name} failed: {_core.strerror(status)}", op=op.name,
+               nbytes=op.nbytes, peer=op.peer, provider_text=text, code=status)
 
 
 class TransferEngine:
@@ -315,6 +316,9 @@ class TransferEngine:
     how fast each NIC really drains, so weights matter most at the start.
     ``stripe`` -- with several NICs, single writes larger than this are cut
     into stripes of this size spread over the NICs (default 512 KiB).
+    ``peer_timeout`` -- seconds without any completion from a peer while
+    operations to it wait, after which they fail with :class:`PeerError`
+    (default 5, ``$AIOTRANSFER_PEER_TIMEOUT``).
     ``delivery_complete`` -- complete writes only once the data is placed at
     the target (default True; see docs/semantics.md).
     ``msg_size``/``msg_count`` -- size and number of control-message receive
@@ -336,12 +340,19 @@ class TransferEngine:
                  recv_queue_limit: int = 4096, tx_depth: int | None = None,
                  busy_poll_us: float | None = None, gpu: int | None = None,
                  nic_weights: Sequence[float] | None = None,
-                 stripe: int | None = None) -> None:
+                 stripe: int | None = None, peer_timeout: float | None = None) -> None:
         self.provider = resolve_provider(provider)
         self._nics_arg = self._check_nics(nics)
         self._gpu = None if gpu is None else _uint("gpu", gpu, 1 << 16)
         self._nic_weights = self._check_weights(nic_weights)
         self._stripe = 0 if stripe is None else _uint("stripe", stripe, 1 << 40)
+        if peer_timeout is None:
+            peer_timeout = float(os.environ.get("AIOTRANSFER_PEER_TIMEOUT", "5"))
+        if isinstance(peer_timeout, bool) or not isinstance(peer_timeout, (int, float)) \
+                or not 0.01 <= peer_timeout <= 86400:
+            raise ValueError(f"peer_timeout={peer_timeout!r} must be a number of seconds "
+                             f"in [0.01, 86400]")
+        self._peer_timeout = float(peer_timeout)
         if stripe is not None and self._stripe < 4096:
             raise ValueError(f"stripe={stripe} must be at least 4096 bytes")
         self._delivery_complete = bool(delivery_complete)
@@ -440,7 +451,7 @@ class TransferEngine:
                              f"{max(len(names), 1)} NIC(s)")
         try:
             core = _core.CoreEngine(
-                self.provider, names, stripe=self._stripe,
+                self.provider, names, stripe=self._stripe, peer_timeout=self._peer_timeout,
                 delivery_complete=self._delivery_complete, msg_size=self._msg_size,
                 msg_count=self._msg_count, cpu=self._cpu, max_chunk=self._max_chunk,
                 tx_depth=self._tx_depth,
@@ -476,16 +487,21 @@ class TransferEngine:
             return
         self._state = "closed"
         exc = EngineClosedError("engine closed")
-        self._c.close(exc)
-        self._msgs.close(exc)
-        for mr in list(self._regions.values()):
-            self._core.deregister(mr._core)
-            mr._core = None
-            mr.obj = None
-        self._regions.clear()
-        self._dests.clear()
-        self._core.destroy()
-        self._core = None
+        try:
+            # stopping waits (at most 2 s) for work requests at the NIC: not
+            # on the event loop's thread
+            await asyncio.to_thread(self._core.stop)
+        finally:   # even if cancelled: every future resolved, everything released
+            self._c.close(exc)
+            self._msgs.close(exc)
+            for mr in list(self._regions.values()):
+                self._core.deregister(mr._core)
+                mr._core = None
+                mr.obj = None
+            self._regions.clear()
+            self._dests.clear()
+            self._core.destroy()
+            self._core = None
 
     async def __aenter__(self) -> "TransferEngine":
         return await self.start()

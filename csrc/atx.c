@@ -54,6 +54,8 @@
 #define ATX_STRIPE (512u << 10)       /* several NICs: single writes split into these */
 #define ATX_NIC_BUDGET (8u << 20)     /* several NICs: bytes in flight per NIC */
 #define ATX_WR_COST 4096u             /* selector: a work request weighs like this many bytes */
+#define ATX_PEER_TIMEOUT_NS 5000000000ULL /* no progress to a peer this long: its ops fail */
+#define ATX_STALL_SCAN_NS 10000000ULL /* look for stalled operations this often */
 
 /* ------------------------------------------------------------------ ops */
 
@@ -71,6 +73,7 @@ typedef struct atx_ctx {
     int kind;
     struct atx_op *op;                /* CTX_TX */
     uint64_t bytes;                   /* CTX_TX: payload of this WR */
+    uint64_t peer;                    /* CTX_TX: its peer */
     char *buf;                        /* CTX_RX: receive buffer */
     struct atx_ctx *next_free;
 } atx_ctx;
@@ -88,6 +91,7 @@ typedef struct atx_cmd {
  * the peer's NICs our NIC l talks to; fa[l][r] is r's address in l's AV. */
 typedef struct atx_peer {
     int nremote;
+    uint64_t last_ok;                 /* last successful completion of a WR to it */
     int nroute[ATX_MAX_NICS];
     uint8_t route[ATX_MAX_NICS][ATX_MAX_NICS];
     uint32_t rr[ATX_MAX_NICS];
@@ -127,6 +131,8 @@ typedef struct atx_op {
     uint64_t nwr, next_wr, inflight, done;
     uint64_t bytes;
     int in_post_q;
+    int reported;                     /* its record went out early (stalled peer) */
+    uint64_t t_start;                 /* submitted */
     int status, prov_errno;
     char *errtext;
 } atx_op;
@@ -180,6 +186,7 @@ struct atx_engine {
 
     pthread_t thread;
     int thread_started;
+    pthread_mutex_t join_lock;         /* atx_engine_stop from several threads */
     int stop;                          /* atomic */
 
     /* The progress lock serializes every libfabric call and the op state
@@ -205,6 +212,8 @@ struct atx_engine {
     atx_dest *dests;
     size_t ndests, dests_cap;
     unsigned rr_nic;                   /* selector's round-robin start */
+    uint64_t last_scan;                /* last look for stalled operations */
+    uint64_t now;                      /* time of the current CQ poll */
     atx_record *batch;
     size_t batch_n, batch_cap;
 
@@ -541,6 +550,7 @@ static int submit(atx_engine *e, atx_op *op) {
         pthread_mutex_unlock(&e->prog_lock);
         return -FI_EINVAL;
     }
+    op->t_start = now_ns();
     accept_op(e, op);
     if (post_pending(e) == 0 && e->post_head) {
         /* back-pressure or full queue: progress once, then try again */
@@ -800,7 +810,18 @@ static void do_mr_reg(atx_engine *e, atx_cmd *cmd) {
 static void do_mr_dereg(atx_engine *e, atx_cmd *cmd) {
     atx_mr *mr = cmd->mr;
     int rc = 0;
-    (void)e;
+    /* an operation reported early (stalled peer) may still have work
+     * requests at the NIC reading this region: it stays registered */
+    if (!e->dead) {
+        for (atx_op *op = e->live; op; op = op->lnext) {
+            if (op->inflight && op->src == (char *)mr->addr) {
+                snprintf(cmd->err, sizeof(cmd->err),
+                         "work requests of a failed operation are still at the NIC");
+                cmd_finish(cmd, -FI_EBUSY);
+                return;
+            }
+        }
+    }
     for (int i = 0; i < mr->nnics; i++) {
         if (mr->fid[i]) {
             int r = fi_close(&((struct fid_mr *)mr->fid[i])->fid);
@@ -902,8 +923,11 @@ static void postq_add(atx_engine *e, atx_op *op) {
     e->post_tail = op;
 }
 
-static void op_complete(atx_engine *e, atx_op *op) {
+/* Its record: the operation's outcome goes to the loop. */
+static void op_report(atx_engine *e, atx_op *op) {
     atx_record r;
+    if (op->reported) return;
+    op->reported = 1;
     memset(&r, 0, sizeof(r));
     r.id = op->id;
     r.kind = ATX_REC_OP;
@@ -913,6 +937,10 @@ static void op_complete(atx_engine *e, atx_op *op) {
     r.data = op->errtext;
     op->errtext = NULL;
     batch_push(e, &r);
+}
+
+static void op_complete(atx_engine *e, atx_op *op) {
+    op_report(e, op);
     if (op->msg_mr) fi_close(&op->msg_mr->fid);
     live_del(e, op);
     op_free(op);
@@ -1071,6 +1099,7 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out) {
         c->op = op;
         rc = (int)fi_send(n->ep, op->msg, op->msglen, desc, p->fa[nic][p->route[nic][0]], c);
         len = op->msglen;
+        c->peer = op->peer;
     } else {
         if (op->tail_imm == 2) {
             /* the immediate of a multi-chunk write, after all chunks landed */
@@ -1090,6 +1119,7 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out) {
         route_wr(e, dest, nic, &fa, &base, &key);
         c = ctx_get(n);
         c->op = op;
+        c->peer = e->dests[dest].peer;
         desc = op->src_desc[nic];
         iov.iov_base = lbuf;
         iov.iov_len = len;
@@ -1204,7 +1234,7 @@ static void handle_tx_done(atx_engine *e, atx_nic *n, atx_ctx *c, int status, in
                            const char *text) {
     atx_op *op = c->op;
     uint64_t bytes = c->bytes;
-    ctx_put(n, c);
+    ctx_put(n, c);   /* c's fields stay readable until the next ctx_get */
     n->inflight_bytes -= bytes;
     op->inflight--;
     if (status) {
@@ -1213,6 +1243,7 @@ static void handle_tx_done(atx_engine *e, atx_nic *n, atx_ctx *c, int status, in
     } else {
         op->bytes += bytes;
         n->stats.bytes_written += bytes;
+        if (c->peer < e->npeers) e->peers[c->peer].last_ok = e->now;
     }
     n->stats.wrs_completed++;
     op_check(e, op);
@@ -1250,6 +1281,7 @@ static size_t poll_cq(atx_engine *e, atx_nic *n, int rounds) {
     struct fi_cq_data_entry ents[ATX_CQ_BATCH];
     size_t total = 0;
     n->tx_blocked = 0;   /* this poll progressed the provider: posting may go on */
+    e->now = now_ns();
     for (int round = 0; round < rounds; round++) {
         ssize_t got = fi_cq_read(n->cq, ents, ATX_CQ_BATCH);
         n->stats.polls++;
@@ -1291,6 +1323,48 @@ static size_t poll_cq(atx_engine *e, atx_nic *n, int rounds) {
         if (got < ATX_CQ_BATCH) break;
     }
     return total;
+}
+
+/* The latest progress of op's peer(s): the oldest last_ok among them. */
+static uint64_t op_peer_ok(const atx_engine *e, const atx_op *op) {
+    uint64_t ok = UINT64_MAX;
+    switch (op->type) {
+    case OP_WRITE:
+    case OP_PAGED:
+        return e->peers[e->dests[op->dest].peer].last_ok;
+    case OP_SEND:
+        return e->peers[op->peer].last_ok;
+    case OP_SCATTER:
+        for (uint64_t i = 0; i < op->nwr; i++) {
+            uint64_t t = e->peers[e->dests[op->entries[i].dest].peer].last_ok;
+            if (t < ok) ok = t;
+        }
+        return ok == UINT64_MAX ? 0 : ok;
+    default:
+        return 0;
+    }
+}
+
+/* Fail the operations whose peer made no progress for peer_timeout since
+ * they were submitted: a dead or unreachable peer.  Their records go out
+ * now; work requests still at the NIC keep the op (and the source region,
+ * see do_mr_dereg) until they come back or the endpoint closes. */
+static void scan_stalls(atx_engine *e, uint64_t t) {
+    e->last_scan = t;
+    for (atx_op *op = e->live; op; op = op->lnext) {
+        uint64_t ref;
+        if (op->reported) continue;
+        ref = op_peer_ok(e, op);
+        if (ref < op->t_start) ref = op->t_start;
+        if (t > ref && t - ref > e->cfg.peer_timeout_ns) {
+            char text[ATX_ERRLEN];
+            snprintf(text, sizeof(text),
+                     "no completion from the peer for %.1f s: it is dead or unreachable",
+                     (double)e->cfg.peer_timeout_ns / 1e9);
+            op_fail(op, -FI_ETIMEDOUT, 0, text);
+            op_report(e, op);
+        }
+    }
 }
 
 /* One round of progress: post queued work, poll every CQ, publish the
@@ -1448,13 +1522,17 @@ static void *worker_main(void *arg) {
             continue;
         }
         work = progress_once(e, 64);
+        t = now_ns();
+        if (e->live && t - e->last_scan > ATX_STALL_SCAN_NS) {
+            scan_stalls(e, t);
+            batch_flush(e);
+        }
         rec_notify_due(e, 0);
         app_ts = e->app_ts;
         busy = e->post_head != NULL;
         for (int i = 0; i < e->nnics; i++) busy |= e->nics[i].tx_used > 0;
         pthread_mutex_unlock(&e->prog_lock);
 
-        t = now_ns();
         if (work) {
             last_activity = t;
             sleep_ns = ATX_SLEEP_MIN_NS;
@@ -1695,6 +1773,7 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     if (e->cfg.msg_count <= 0) e->cfg.msg_count = 64;
     if (e->cfg.stripe == 0) e->cfg.stripe = ATX_STRIPE;
     if (e->cfg.nic_budget == 0) e->cfg.nic_budget = ATX_NIC_BUDGET;
+    if (e->cfg.peer_timeout_ns == 0) e->cfg.peer_timeout_ns = ATX_PEER_TIMEOUT_NS;
     e->next_key = 1;
     e->max_counters = env_u64("AIOTRANSFER_MAX_IMM_VALUES", 1, ATX_MAX_COUNTERS);
     e->coalesce_ns = env_u64("AIOTRANSFER_COALESCE_US", 1000, ATX_COALESCE_NS);
@@ -1704,6 +1783,7 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     pthread_mutex_init(&e->prog_lock, NULL);
     pthread_mutex_init(&e->rec_lock, NULL);
     pthread_mutex_init(&e->imm_lock, NULL);
+    pthread_mutex_init(&e->join_lock, NULL);
 
     for (int d = 0; d < ndom; d++) {
         rc = open_nic(e, &e->nics[d], pick[d], err, errlen);
@@ -1747,12 +1827,15 @@ int atx_engine_getname(atx_engine *e, int nic, void *buf, size_t *len) {
 }
 
 void atx_engine_stop(atx_engine *e) {
-    if (__atomic_exchange_n(&e->stop, 1, __ATOMIC_SEQ_CST)) return;
+    __atomic_store_n(&e->stop, 1, __ATOMIC_SEQ_CST);
     wake_worker(e);
+    /* every caller returns only once the worker is gone */
+    pthread_mutex_lock(&e->join_lock);
     if (e->thread_started) {
         pthread_join(e->thread, NULL);
         e->thread_started = 0;
     }
+    pthread_mutex_unlock(&e->join_lock);
 }
 
 void atx_engine_destroy(atx_engine *e) {
@@ -1780,6 +1863,7 @@ void atx_engine_destroy(atx_engine *e) {
     pthread_mutex_destroy(&e->prog_lock);
     pthread_mutex_destroy(&e->rec_lock);
     pthread_mutex_destroy(&e->imm_lock);
+    pthread_mutex_destroy(&e->join_lock);
     free(e);
 }
 

@@ -54,6 +54,8 @@ typedef struct atx_config {
     int no_wait_fd;           /* never block on the CQ's wait fd: poll with backoff */
     size_t stripe;            /* several NICs: single writes split into stripes of this */
     size_t nic_budget;        /* several NICs: bytes in flight per NIC before choosing another */
+    uint64_t peer_timeout_ns; /* no completion from a peer this long while operations to it
+                               * wait: they fail with -FI_ETIMEDOUT (0: 5 s) */
 } atx_config;
 
 typedef struct atx_nic_info {
