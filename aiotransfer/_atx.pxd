@@ -29,6 +29,8 @@ cdef extern from "atx.h" nogil:
         size_t max_chunk
         size_t tx_depth
         int no_wait_fd
+        uint64_t engine_id
+        uint64_t failover_ns
         size_t stripe
         size_t nic_budget
         uint64_t peer_timeout_ns
@@ -77,6 +79,10 @@ cdef extern from "atx.h" nogil:
         uint64_t imms_dropped
         uint64_t inflight_bytes
         uint64_t weight
+        uint64_t imms_duplicate
+        uint64_t msgs_bad
+        uint64_t lanes_down
+        uint64_t wrs_resent
 
     int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t errlen)
     int atx_engine_notify_fd(atx_engine *e)
@@ -90,7 +96,7 @@ cdef extern from "atx.h" nogil:
                    char *err, size_t errlen)
     int atx_mr_dereg(atx_engine *e, atx_mr *mr)
     int atx_peer_insert(atx_engine *e, int nnames, const void *const *names, const size_t *lens,
-                        uint64_t *peer_out, char *err, size_t errlen)
+                        uint64_t engine_id, uint64_t *peer_out, char *err, size_t errlen)
     int atx_dest_add(atx_engine *e, uint64_t peer, int n, const uint64_t *bases,
                      const uint64_t *keys, uint64_t *dest_out, char *err, size_t errlen)
     int atx_nic_set_weight(atx_engine *e, int nic, uint64_t weight)

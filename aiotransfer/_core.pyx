@@ -104,7 +104,7 @@ cdef class CoreEngine:
     def __init__(self, str provider, domains=None, *, bint delivery_complete=True,
                  size_t msg_size=65536, int msg_count=64, int cpu=-1, size_t max_chunk=0,
                  size_t tx_depth=0, bint wait_fd=True, size_t stripe=0, size_t nic_budget=0,
-                 double peer_timeout=0):
+                 double peer_timeout=0, uint64_t engine_id=0, double failover=0):
         """domains: None (the provider's first NIC), a name, or a list of names."""
         cdef atx_config cfg
         cdef char err[256]
@@ -125,6 +125,8 @@ cdef class CoreEngine:
         cfg.stripe = stripe
         cfg.nic_budget = nic_budget
         cfg.peer_timeout_ns = <uint64_t>(peer_timeout * 1e9)
+        cfg.engine_id = engine_id
+        cfg.failover_ns = <uint64_t>(failover * 1e9)
         cfg.delivery_complete = delivery_complete
         cfg.msg_size = msg_size
         cfg.msg_count = msg_count
@@ -196,7 +198,9 @@ cdef class CoreEngine:
                 "imms_received": s.imms_received, "msgs_received": s.msgs_received,
                 "errors": s.errors, "eagain": s.eagain, "wakeups": s.wakeups,
                 "polls": s.polls, "imms_dropped": s.imms_dropped,
-                "inflight_bytes": s.inflight_bytes, "weight": s.weight}
+                "inflight_bytes": s.inflight_bytes, "weight": s.weight,
+                "imms_duplicate": s.imms_duplicate, "msgs_bad": s.msgs_bad,
+                "lanes_down": s.lanes_down, "wrs_resent": s.wrs_resent}
 
     def set_weight(self, int nic, uint64_t weight):
         """NIC `nic`'s share in the selector; 0 stops choosing it."""
@@ -242,8 +246,8 @@ cdef class CoreEngine:
         m.obj = None
         _check(rc, "fi_close(mr)")
 
-    def peer_insert(self, list names):
-        """Add a peer (one raw endpoint name per NIC); returns its index."""
+    def peer_insert(self, list names, uint64_t engine_id=0):
+        """Add a peer (one raw endpoint name per NIC, its engine id); returns its index."""
         cdef int n = len(names), i, rc
         cdef const void *ptrs[16]
         cdef size_t lens[16]
@@ -257,7 +261,7 @@ cdef class CoreEngine:
             lens[i] = len(names[i])
         err[0] = 0
         with nogil:
-            rc = atx_peer_insert(self.e, n, ptrs, lens, &peer, err, sizeof(err))
+            rc = atx_peer_insert(self.e, n, ptrs, lens, engine_id, &peer, err, sizeof(err))
         if rc:
             raise CoreError(rc, err.decode("utf-8", "replace"))
         return peer

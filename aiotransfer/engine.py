@@ -319,6 +319,10 @@ class TransferEngine:
     ``peer_timeout`` -- seconds without any completion from a peer while
     operations to it wait, after which they fail with :class:`PeerError`
     (default 5, ``$AIOTRANSFER_PEER_TIMEOUT``).
+    ``failover_timeout`` -- with several NICs: seconds without a completion
+    on one NIC's lane to a peer while work waits on it, after which the lane
+    is declared down and its work goes over the other NICs (default 1,
+    ``$AIOTRANSFER_FAILOVER_TIMEOUT``; see docs/failures.md).
     ``delivery_complete`` -- complete writes only once the data is placed at
     the target (default True; see docs/semantics.md).
     ``msg_size``/``msg_count`` -- size and number of control-message receive
@@ -340,7 +344,8 @@ class TransferEngine:
                  recv_queue_limit: int = 4096, tx_depth: int | None = None,
                  busy_poll_us: float | None = None, gpu: int | None = None,
                  nic_weights: Sequence[float] | None = None,
-                 stripe: int | None = None, peer_timeout: float | None = None) -> None:
+                 stripe: int | None = None, peer_timeout: float | None = None,
+                 failover_timeout: float | None = None) -> None:
         self.provider = resolve_provider(provider)
         self._nics_arg = self._check_nics(nics)
         self._gpu = None if gpu is None else _uint("gpu", gpu, 1 << 16)
@@ -353,6 +358,14 @@ class TransferEngine:
             raise ValueError(f"peer_timeout={peer_timeout!r} must be a number of seconds "
                              f"in [0.01, 86400]")
         self._peer_timeout = float(peer_timeout)
+        if failover_timeout is None:
+            failover_timeout = float(os.environ.get("AIOTRANSFER_FAILOVER_TIMEOUT", "1"))
+        if isinstance(failover_timeout, bool) or \
+                not isinstance(failover_timeout, (int, float)) or \
+                not 0.01 <= failover_timeout <= 86400:
+            raise ValueError(f"failover_timeout={failover_timeout!r} must be a number of "
+                             f"seconds in [0.01, 86400]")
+        self._failover = float(failover_timeout)
         if stripe is not None and self._stripe < 4096:
             raise ValueError(f"stripe={stripe} must be at least 4096 bytes")
         self._delivery_complete = bool(delivery_complete)
@@ -446,12 +459,14 @@ class TransferEngine:
             raise RuntimeError(f"engine already {self._state}")
         loop = asyncio.get_running_loop()
         names = self._resolve_nics()
+        self._engine_id = secrets.randbits(64) or 1
         if self._nic_weights is not None and len(self._nic_weights) != max(len(names), 1):
             raise ValueError(f"nic_weights has {len(self._nic_weights)} entries for "
                              f"{max(len(names), 1)} NIC(s)")
         try:
             core = _core.CoreEngine(
                 self.provider, names, stripe=self._stripe, peer_timeout=self._peer_timeout,
+                engine_id=self._engine_id, failover=self._failover,
                 delivery_complete=self._delivery_complete, msg_size=self._msg_size,
                 msg_count=self._msg_count, cpu=self._cpu, max_chunk=self._max_chunk,
                 tx_depth=self._tx_depth,
@@ -461,7 +476,7 @@ class TransferEngine:
                                 provider_text=str(exc), code=exc.code) from None
         self._core = core
         self._c = _core.Completions(core, loop, self._msgs.deliver, _op_error)
-        self._address = EngineAddress(self.provider, secrets.randbits(64),
+        self._address = EngineAddress(self.provider, self._engine_id,
                                       tuple(core.getname(i) for i in range(core.nic_count())))
         self._address_bytes = self._address.to_bytes()
         self._nics = []
@@ -654,7 +669,7 @@ class TransferEngine:
                 raise ValueError(f"destination engine uses provider {owner.provider!r}, "
                                  f"this engine {self.provider!r}")
             try:
-                p = self._core.peer_insert(list(owner.names))
+                p = self._core.peer_insert(list(owner.names), owner.engine_id)
             except _core.CoreError as exc:
                 raise PeerError("cannot add peer", op="connect", peer=str(owner),
                                 provider_text=str(exc), code=exc.code) from None

@@ -56,6 +56,22 @@
 #define ATX_WR_COST 4096u             /* selector: a work request weighs like this many bytes */
 #define ATX_PEER_TIMEOUT_NS 5000000000ULL /* no progress to a peer this long: its ops fail */
 #define ATX_STALL_SCAN_NS 10000000ULL /* look for stalled operations this often */
+#define ATX_FAILOVER_NS 1000000000ULL /* a lane with work and no completion this long: down */
+#define ATX_PROBE_NS 500000000ULL     /* a down lane is probed this often */
+#define ATX_PROBE_STALL_NS 2000000000ULL /* a probe this old: reconnect and probe again */
+#define ATX_WR_TAIL UINT64_MAX        /* "work request index" of a tail immediate */
+/* 8-byte CQ data: [0,32) immediate | 32 user-imm flag | 33 token | [34,48)
+ * sender slot at the receiver | [48,64) sequence (see atx_slot) */
+#define ATX_TOK_VALID (1ULL << 33)
+#define ATX_TOK_SLOT_SHIFT 34
+#define ATX_TOK_SLOT_MASK 0x3fffULL
+#define ATX_TOK_SEQ_SHIFT 48
+#define ATX_MAX_SLOTS 4096u           /* senders a receiver deduplicates for */
+#define ATX_DEDUP_WIN 16384u          /* sequence numbers remembered per sender */
+/* control messages: 1-byte kind, then the payload */
+enum { MSG_USER = 0, MSG_HELLO = 1, MSG_HELLO_ACK = 2, MSG_PROBE = 3 };
+enum { SLOT_NONE = -1, SLOT_WAIT = -2 };
+#define ATX_NO_SLOT 0xffffu           /* MSG_HELLO_ACK: the receiver has no slot for us */
 
 /* ------------------------------------------------------------------ ops */
 
@@ -74,6 +90,13 @@ typedef struct atx_ctx {
     struct atx_op *op;                /* CTX_TX */
     uint64_t bytes;                   /* CTX_TX: payload of this WR */
     uint64_t peer;                    /* CTX_TX: its peer */
+    uint64_t wr;                      /* CTX_TX: the op's WR index (ATX_WR_TAIL) */
+    uint64_t data;                    /* CTX_TX: CQ data sent (with its token) */
+    char *src;                        /* CTX_TX: base of the source region, or NULL */
+    int with_imm;                     /* CTX_TX: carried a user immediate */
+    int abandoned;                    /* CTX_TX: its lane went down; the op moved on */
+    int probe;                        /* CTX_TX: a lane probe (no op) */
+    int used;                         /* CTX_TX: handed to the provider */
     char *buf;                        /* CTX_RX: receive buffer */
     struct atx_ctx *next_free;
 } atx_ctx;
@@ -85,6 +108,7 @@ typedef struct atx_cmd {
     void *addr; size_t len; int remote_read; atx_mr *mr;
     int nnames; const void *const *names; const size_t *lens; uint64_t peer;
     const uint64_t *bases, *keys;
+    uint64_t engine_id;
 } atx_cmd;
 
 /* A peer: its NICs pair with ours as lanes (see atx.h).  route[l] lists
@@ -92,11 +116,36 @@ typedef struct atx_cmd {
 typedef struct atx_peer {
     int nremote;
     uint64_t last_ok;                 /* last successful completion of a WR to it */
+    uint64_t engine_id;               /* from its address */
+    int slot;                         /* our slot at the peer (tokens); SLOT_WAIT: hello
+                                       * sent, no answer yet; SLOT_NONE: no tokens */
+    uint64_t hello_at;                /* when the hello went out */
+    uint64_t skip_pass;               /* post_pending pass it held up */
+    uint16_t seq;                     /* next token sequence number */
+    /* lanes by our NIC: work requests in flight, last progress, state */
+    uint32_t lane_inflight[ATX_MAX_NICS];
+    uint64_t lane_since[ATX_MAX_NICS];
+    uint8_t down[ATX_MAX_NICS];
+    uint8_t probing[ATX_MAX_NICS];
+    uint64_t down_at[ATX_MAX_NICS];
+    uint64_t probe_at[ATX_MAX_NICS];
+    const void *names[ATX_MAX_NICS];  /* its raw endpoint names (re-insertion) */
+    size_t name_len[ATX_MAX_NICS];
     int nroute[ATX_MAX_NICS];
     uint8_t route[ATX_MAX_NICS][ATX_MAX_NICS];
     uint32_t rr[ATX_MAX_NICS];
     fi_addr_t fa[ATX_MAX_NICS][ATX_MAX_NICS];
 } atx_peer;
+
+/* A sender known to this receiver (by its MSG_HELLO): the tokens of its
+ * immediates are deduplicated over a window of sequence numbers, so an
+ * immediate re-sent over another lane is counted once. */
+typedef struct atx_slot {
+    uint64_t engine_id;
+    uint16_t hi;                      /* highest sequence number seen */
+    int seen_any;
+    uint8_t bits[ATX_DEDUP_WIN / 8];  /* seen, by sequence number mod window */
+} atx_slot;
 
 /* A remote region: (base, key) per NIC of its owner. */
 typedef struct atx_dest {
@@ -132,6 +181,10 @@ typedef struct atx_op {
     uint64_t bytes;
     int in_post_q;
     int reported;                     /* its record went out early (stalled peer) */
+    int internal;                     /* an engine message: no record */
+    /* work requests to post again (their lane went down): WR index + CQ data */
+    struct { uint64_t wr, data; } *retry;
+    uint32_t nretry, retry_cap;
     uint64_t t_start;                 /* submitted */
     int status, prov_errno;
     char *errtext;
@@ -212,8 +265,15 @@ struct atx_engine {
     atx_dest *dests;
     size_t ndests, dests_cap;
     unsigned rr_nic;                   /* selector's round-robin start */
+    uint64_t pass;                     /* post_pending passes */
     uint64_t last_scan;                /* last look for stalled operations */
     uint64_t now;                      /* time of the current CQ poll */
+    /* deduplication of immediates re-sent over another lane */
+    struct atx_slot *slots;
+    size_t nslots;
+    char hello[1 + 8 + 1 + ATX_MAX_NICS * (2 + 256)];   /* our MSG_HELLO */
+    size_t hello_len;
+    size_t rx_size;                    /* receive buffer: kind byte + msg_size, >= a hello */
     atx_record *batch;
     size_t batch_n, batch_cap;
 
@@ -236,6 +296,13 @@ struct atx_engine {
 };
 
 const char *atx_strerror(int err) { return fi_strerror(err < 0 ? -err : err); }
+
+/* Opening and closing libfabric objects is serialized across the engines of
+ * a process: libfabric 1.17's tcp provider crashed (inside fi_close of an
+ * endpoint) when two engines of one process closed or opened endpoints at
+ * the same time (seen here; the domains are FI_THREAD_DOMAIN, which covers
+ * one domain, not provider-wide state). */
+static pthread_mutex_t g_lifecycle_lock = PTHREAD_MUTEX_INITIALIZER;
 
 static uint64_t now_ns(void) {
     struct timespec ts;
@@ -578,6 +645,7 @@ static void op_src(atx_engine *e, atx_op *op, const atx_mr *src) {
 }
 
 static void op_free(atx_op *op) {
+    free(op->retry);
     free(op->src_pages);
     free(op->dst_pages);
     free(op->entries);
@@ -659,22 +727,41 @@ int atx_post_scatter(atx_engine *e, uint64_t id, const atx_mr *src, atx_scatter_
     return rc;
 }
 
-int atx_post_send(atx_engine *e, uint64_t id, uint64_t peer, const void *data, size_t len) {
+/* A control message: kind byte, then the payload. */
+static atx_op *msg_op(uint64_t id, uint64_t peer, int kind, const void *data, size_t len) {
     atx_op *op = op_new(OP_SEND, id);
-    int rc;
-    if (!op) return -FI_ENOMEM;
-    op->msg = malloc(len ? len : 1);
+    if (!op) return NULL;
+    op->msg = malloc(len + 1);
     if (!op->msg) {
         free(op);
-        return -FI_ENOMEM;
+        return NULL;
     }
-    memcpy(op->msg, data, len);
-    op->msglen = len;
+    op->msg[0] = (char)kind;
+    if (len) memcpy(op->msg + 1, data, len);
+    op->msglen = len + 1;
     op->peer = peer;
     op->nwr = 1;
+    return op;
+}
+
+int atx_post_send(atx_engine *e, uint64_t id, uint64_t peer, const void *data, size_t len) {
+    atx_op *op = msg_op(id, peer, MSG_USER, data, len);
+    int rc;
+    if (!op) return -FI_ENOMEM;
     rc = submit(e, op);
     if (rc) op_free(op);
     return rc;
+}
+
+/* An engine message (hello, ack), posted under prog_lock; no record. */
+static int post_internal_send(atx_engine *e, uint64_t peer, int kind, const void *payload,
+                              size_t len) {
+    atx_op *op = msg_op(0, peer, kind, payload, len);
+    if (!op) return -FI_ENOMEM;
+    op->internal = 1;
+    op->t_start = now_ns();
+    accept_op(e, op);
+    return 0;
 }
 
 static void do_mr_dereg(atx_engine *e, atx_cmd *cmd);
@@ -701,6 +788,7 @@ static int run_cmd(atx_engine *e, int type, atx_cmd *cmd) {
     default: cmd->rc = -FI_EINVAL; break;
     }
     pthread_mutex_unlock(&e->prog_lock);
+    kick_worker(e);   /* a command may have queued an engine message */
     return cmd->rc;
 }
 
@@ -729,10 +817,11 @@ int atx_mr_dereg(atx_engine *e, atx_mr *mr) {
 }
 
 int atx_peer_insert(atx_engine *e, int nnames, const void *const *names, const size_t *lens,
-                    uint64_t *peer_out, char *err, size_t errlen) {
+                    uint64_t engine_id, uint64_t *peer_out, char *err, size_t errlen) {
     atx_cmd cmd;
     int rc;
     memset(&cmd, 0, sizeof(cmd));
+    cmd.engine_id = engine_id;
     cmd.nnames = nnames;
     cmd.names = names;
     cmd.lens = lens;
@@ -821,6 +910,17 @@ static void do_mr_dereg(atx_engine *e, atx_cmd *cmd) {
                 return;
             }
         }
+        for (int i = 0; i < e->nnics; i++) {
+            for (size_t j = 0; j < e->nics[i].tx_depth; j++) {
+                atx_ctx *c = &e->nics[i].tx_ctx[j];
+                if (c->used && c->abandoned && c->src == (char *)mr->addr) {
+                    snprintf(cmd->err, sizeof(cmd->err),
+                             "work requests of a lane that went down are still at the NIC");
+                    cmd_finish(cmd, -FI_EBUSY);
+                    return;
+                }
+            }
+        }
     }
     for (int i = 0; i < mr->nnics; i++) {
         if (mr->fid[i]) {
@@ -832,44 +932,70 @@ static void do_mr_dereg(atx_engine *e, atx_cmd *cmd) {
     cmd_finish(cmd, rc);
 }
 
-static void do_peer_insert(atx_engine *e, atx_cmd *cmd) {
-    int L = e->nnics, R = cmd->nnames, lanes;
+/* Add a peer (one raw endpoint name per NIC of the peer), pairing NICs as
+ * lanes, and say hello (MSG_HELLO) so that it gives us a token slot.
+ * Called under prog_lock. */
+static int insert_peer(atx_engine *e, int nnames, const void *const *names, const size_t *lens,
+                       uint64_t engine_id, uint64_t *peer_out, char *err, size_t errlen) {
+    int L = e->nnics, R = nnames, lanes;
     atx_peer *p;
     if (R < 1 || R > ATX_MAX_NICS) {
-        snprintf(cmd->err, sizeof(cmd->err), "peer lists %d NICs (1..%d allowed)", R,
-                 ATX_MAX_NICS);
-        cmd_finish(cmd, -FI_EINVAL);
-        return;
+        if (err) snprintf(err, errlen, "peer lists %d NICs (1..%d allowed)", R, ATX_MAX_NICS);
+        return -FI_EINVAL;
     }
     if (e->npeers == e->peers_cap) {
         size_t cap = e->peers_cap ? e->peers_cap * 2 : 16;
         atx_peer *np = realloc(e->peers, cap * sizeof(*np));
-        if (!np) {
-            cmd_finish(cmd, -FI_ENOMEM);
-            return;
-        }
+        if (!np) return -FI_ENOMEM;
         e->peers = np;
         e->peers_cap = cap;
     }
     p = &e->peers[e->npeers];
     memset(p, 0, sizeof(*p));
     p->nremote = R;
+    p->engine_id = engine_id;
+    p->slot = SLOT_NONE;
+    for (int r = 0; r < R; r++) {
+        void *copy = malloc(lens[r]);
+        if (!copy) {
+            for (int j = 0; j < r; j++) free((void *)p->names[j]);
+            return -FI_ENOMEM;
+        }
+        memcpy(copy, names[r], lens[r]);
+        p->names[r] = copy;
+        p->name_len[r] = lens[r];
+    }
     lanes = L > R ? L : R;
     for (int k = 0; k < lanes; k++) {
         int l = k % L, r = k % R;
         fi_addr_t fa = FI_ADDR_NOTAVAIL;
-        int rc = fi_av_insert(e->nics[l].av, cmd->names[r], 1, &fa, 0, NULL);
+        int rc = fi_av_insert(e->nics[l].av, names[r], 1, &fa, 0, NULL);
         if (rc != 1) {
-            snprintf(cmd->err, sizeof(cmd->err), "fi_av_insert (our NIC %d, peer NIC %d): %s (%d)",
-                     l, r, fi_strerror(rc < 0 ? -rc : FI_EINVAL), rc);
-            cmd_finish(cmd, rc < 0 ? rc : -FI_EINVAL);
-            return;   /* AV entries already made stay unused */
+            if (err)
+                snprintf(err, errlen, "fi_av_insert (our NIC %d, peer NIC %d): %s (%d)", l, r,
+                         fi_strerror(rc < 0 ? -rc : FI_EINVAL), rc);
+            for (int j = 0; j < R; j++) free((void *)p->names[j]);
+            return rc < 0 ? rc : -FI_EINVAL;   /* AV entries already made stay unused */
         }
         p->fa[l][r] = fa;
         p->route[l][p->nroute[l]++] = (uint8_t)r;
     }
-    cmd->peer = e->npeers++;
-    cmd_finish(cmd, 0);
+    *peer_out = e->npeers++;
+    /* Failover needs tokens (several NICs, 8 bytes of CQ data): say hello;
+     * immediates to this peer wait for its answer (one round trip, once).
+     * Engine id 0: a bare core user, no hello. */
+    if (e->nnics > 1 && e->nics[0].imm_flag && e->cfg.engine_id && e->hello_len &&
+        post_internal_send(e, *peer_out, MSG_HELLO, e->hello + 1, e->hello_len - 1) == 0) {
+        p = &e->peers[*peer_out];
+        p->slot = SLOT_WAIT;
+        p->hello_at = now_ns();
+    }
+    return 0;
+}
+
+static void do_peer_insert(atx_engine *e, atx_cmd *cmd) {
+    cmd_finish(cmd, insert_peer(e, cmd->nnames, cmd->names, cmd->lens, cmd->engine_id,
+                                &cmd->peer, cmd->err, sizeof(cmd->err)));
 }
 
 static void do_dest_add(atx_engine *e, atx_cmd *cmd) {
@@ -928,6 +1054,11 @@ static void op_report(atx_engine *e, atx_op *op) {
     atx_record r;
     if (op->reported) return;
     op->reported = 1;
+    if (op->internal) {
+        free(op->errtext);
+        op->errtext = NULL;
+        return;
+    }
     memset(&r, 0, sizeof(r));
     r.id = op->id;
     r.kind = ATX_REC_OP;
@@ -956,6 +1087,10 @@ static void op_fail(atx_op *op, int status, int prov_errno, const char *text) {
 /* Is the op finished?  Called after any change of its state. */
 static void op_check(atx_engine *e, atx_op *op) {
     if (op->in_post_q || op->inflight) return;
+    if (op->status == 0 && op->nretry) {
+        postq_add(e, op);
+        return;
+    }
     if (op->status == 0 && op->tail_imm == 1 && op->next_wr == op->nwr) {
         op->tail_imm = 2;
         postq_add(e, op);
@@ -969,11 +1104,15 @@ static atx_ctx *ctx_get(atx_nic *n) {
     if (c) {
         n->tx_free = c->next_free;
         n->tx_used++;
+        c->used = 1;
+        c->abandoned = c->probe = c->with_imm = 0;
+        c->src = NULL;
     }
     return c;
 }
 
 static void ctx_put(atx_nic *n, atx_ctx *c) {
+    c->used = 0;
     c->next_free = n->tx_free;
     n->tx_free = c;
     n->tx_used--;
@@ -1021,17 +1160,21 @@ static void op_wr(const atx_op *op, uint64_t i, void **lbuf, size_t *len, uint64
     }
 }
 
-/* The NIC selector: which NIC takes a work request of len bytes now?  The
- * one with the least work in flight (bytes, plus ATX_WR_COST per request)
- * per unit of weight, among NICs with a free context, not pushed back and
- * within nic_budget bytes in flight; ties go round-robin.  -1: none. */
-static int choose_nic(atx_engine *e, uint64_t len) {
+/* The NIC selector: which NIC takes a work request of len bytes to peer p
+ * now?  The one with the least work in flight (bytes, plus ATX_WR_COST per
+ * request) per unit of weight, among NICs with a free context, not pushed
+ * back, within nic_budget bytes in flight and whose lane to p is up; ties
+ * go round-robin.  -1: no NIC has room; -2: only NICs whose lane to p is
+ * down have room. */
+static int choose_nic(atx_engine *e, uint64_t len, const atx_peer *p) {
     int best = -1;
     unsigned __int128 best_cost = 0;
     uint64_t best_w = 1;
+    int lane_down = 0;
     if (e->nnics == 1) {
         atx_nic *n = &e->nics[0];
-        return n->tx_free && !n->tx_blocked ? 0 : -1;
+        if (!n->tx_free || n->tx_blocked) return -1;
+        return p->down[0] ? -2 : 0;
     }
     for (int k = 0; k < e->nnics; k++) {
         int i = (int)((e->rr_nic + (unsigned)k) % (unsigned)e->nnics);
@@ -1039,6 +1182,10 @@ static int choose_nic(atx_engine *e, uint64_t len) {
         uint64_t load;
         if (!n->tx_free || n->tx_blocked || !n->weight) continue;
         if (n->inflight_bytes && n->inflight_bytes + len > e->cfg.nic_budget) continue;
+        if (p->down[i]) {
+            lane_down = 1;
+            continue;
+        }
         load = n->inflight_bytes + len + (uint64_t)ATX_WR_COST * (n->tx_used + 1);
         /* load / weight < best_cost / best_w, without division */
         if (best < 0 || (unsigned __int128)load * best_w < best_cost * n->weight) {
@@ -1048,7 +1195,7 @@ static int choose_nic(atx_engine *e, uint64_t len) {
         }
     }
     if (best >= 0) e->rr_nic = (unsigned)best + 1;
-    return best;
+    return best >= 0 ? best : lane_down ? -2 : -1;
 }
 
 /* Our NIC `nic` reaching destination `dest`: the peer's NIC (rotating over
@@ -1063,31 +1210,57 @@ static void route_wr(atx_engine *e, uint64_t dest, int nic, fi_addr_t *fa, uint6
     *key = d->key[r];
 }
 
-/* Post one work request of op.  Returns 0, 1 (no NIC can take it now: queue
- * depth, budget or back-pressure) or an error (-FI_EAGAIN: NIC *nic_out
- * pushed back). */
-static int post_one(atx_engine *e, atx_op *op, int *nic_out) {
+/* Post one work request of op: a WR to post again (its lane went down),
+ * else the tail immediate, else the next WR.  Returns 0, 1 (no NIC can take
+ * it now: queue depth, budget, back-pressure or every lane to the peer
+ * down) or an error (-FI_EAGAIN: NIC *nic_out pushed back). */
+static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out) {
     atx_nic *n;
     atx_ctx *c;
-    int rc, nic;
-    struct fi_msg_rma msg;
-    struct iovec iov;
-    struct fi_rma_iov riov;
-    void *desc;
-    uint64_t dest, roff, base, key, flags = FI_COMPLETION;
+    atx_peer *p;
+    int rc, nic, with_imm, is_retry = op->nretry > 0;
+    uint64_t wr, dest = UINT64_MAX, roff = 0, base = 0, key = 0, peer;
+    uint64_t data = 0, flags = FI_COMPLETION;
     fi_addr_t fa;
     size_t len;
-    int with_imm;
-    void *lbuf;
+    void *lbuf, *desc;
+
+    if (is_retry) wr = op->retry[op->nretry - 1].wr;
+    else if (op->tail_imm == 2) wr = ATX_WR_TAIL;
+    else wr = op->next_wr;
 
     if (op->type == OP_SEND) {
-        const atx_peer *p;
-        nic = op->nic;
-        n = &e->nics[nic];
-        *nic_out = nic;
-        if (!n->tx_free || n->tx_blocked) return 1;
-        if (op->peer >= e->npeers) return -FI_EINVAL;
-        p = &e->peers[op->peer];
+        lbuf = op->msg;
+        len = op->msglen;
+        peer = op->peer;
+        with_imm = 0;
+    } else {
+        if (wr == ATX_WR_TAIL) {
+            /* the immediate of a multi-chunk write, after all chunks landed */
+            lbuf = NULL;
+            len = 0;
+            dest = op->dest;
+            roff = op->dst_off;
+            with_imm = 1;
+        } else {
+            op_wr(op, wr, &lbuf, &len, &dest, &roff, &with_imm);
+        }
+        if (dest >= e->ndests) return -FI_EINVAL;
+        peer = e->dests[dest].peer;
+    }
+    if (peer >= e->npeers) return -FI_EINVAL;
+    p = &e->peers[peer];
+    *peer_out = peer;
+    *nic_out = -2;
+    if (p->skip_pass == e->pass) return 1;   /* its peer held this pass up */
+    if (with_imm && !is_retry && p->slot == SLOT_WAIT)
+        return 1;   /* its token slot is on the way (MSG_HELLO_ACK) */
+    nic = choose_nic(e, len, p);
+    *nic_out = nic;
+    if (nic < 0) return 1;   /* -1: no NIC has room; -2: none with a lane up to p */
+    n = &e->nics[nic];
+    if (op->type == OP_SEND) {
+        fa = p->fa[nic][p->route[nic][0]];
         desc = NULL;
         if (n->pub.mr_local && !op->msg_mr) {
             rc = fi_mr_reg(n->domain, op->msg, op->msglen ? op->msglen : 1, FI_SEND, 0,
@@ -1096,30 +1269,36 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out) {
         }
         if (op->msg_mr) desc = fi_mr_desc(op->msg_mr);
         c = ctx_get(n);
-        c->op = op;
-        rc = (int)fi_send(n->ep, op->msg, op->msglen, desc, p->fa[nic][p->route[nic][0]], c);
-        len = op->msglen;
-        c->peer = op->peer;
+        rc = (int)fi_send(n->ep, op->msg, op->msglen, desc, fa, c);
     } else {
-        if (op->tail_imm == 2) {
-            /* the immediate of a multi-chunk write, after all chunks landed */
-            lbuf = NULL;
-            len = 0;
-            dest = op->dest;
-            roff = op->dst_off;
-            with_imm = 1;
-        } else {
-            op_wr(op, op->next_wr, &lbuf, &len, &dest, &roff, &with_imm);
-        }
-        if (dest >= e->ndests) return -FI_EINVAL;
-        nic = choose_nic(e, len);
-        *nic_out = nic;
-        if (nic < 0) return 1;
-        n = &e->nics[nic];
+        struct fi_msg_rma msg;
+        struct iovec iov;
+        struct fi_rma_iov riov;
         route_wr(e, dest, nic, &fa, &base, &key);
+        if (with_imm) {
+            flags |= FI_REMOTE_CQ_DATA;
+            if (is_retry) {
+                data = op->retry[op->nretry - 1].data;   /* the same token again */
+            } else {
+                data = n->imm_flag | op->imm;
+                if (n->imm_flag && p->slot >= 0)
+                    data |= ATX_TOK_VALID | ((uint64_t)p->slot << ATX_TOK_SLOT_SHIFT) |
+                            ((uint64_t)p->seq++ << ATX_TOK_SEQ_SHIFT);
+            }
+        } else if (n->imm_flag && n->pub.data_progress_manual) {
+            /* an "activity" completion without the immediate flag: a
+             * manual-progress target sees work and keeps polling while the
+             * bytes stream in (the receiver does not count it) */
+            flags |= FI_REMOTE_CQ_DATA;
+            data = 0;
+        }
+        /* Zero-byte writes place nothing; shm 1.17 never completes them
+         * under FI_DELIVERY_COMPLETE, so they use the default completion.
+         * The chunks of a write whose immediate follows them (tail_imm) are
+         * always delivery-complete: over several NICs (connections) nothing
+         * else orders the immediate after them. */
+        if (len && (n->pub.delivery_complete || op->tail_imm)) flags |= FI_DELIVERY_COMPLETE;
         c = ctx_get(n);
-        c->op = op;
-        c->peer = e->dests[dest].peer;
         desc = op->src_desc[nic];
         iov.iov_base = lbuf;
         iov.iov_len = len;
@@ -1134,63 +1313,69 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out) {
         msg.rma_iov = &riov;
         msg.rma_iov_count = 1;
         msg.context = c;
-        if (with_imm) {
-            flags |= FI_REMOTE_CQ_DATA;
-            msg.data = n->imm_flag | op->imm;
-        } else if (n->imm_flag && n->pub.data_progress_manual) {
-            /* an "activity" completion without the immediate flag: a
-             * manual-progress target sees work and keeps polling while the
-             * bytes stream in (the receiver does not count it) */
-            flags |= FI_REMOTE_CQ_DATA;
-            msg.data = 0;
-        }
-        /* Zero-byte writes place nothing; shm 1.17 never completes them
-         * under FI_DELIVERY_COMPLETE, so they use the default completion.
-         * The chunks of a write whose immediate follows them (tail_imm) are
-         * always delivery-complete: over several NICs (connections) nothing
-         * else orders the immediate after them. */
-        if (len && (n->pub.delivery_complete || op->tail_imm)) flags |= FI_DELIVERY_COMPLETE;
+        msg.data = data;
         rc = (int)fi_writemsg(n->ep, &msg, flags);
     }
     if (rc) {
         ctx_put(n, c);
         return rc;
     }
+    c->op = op;
+    c->peer = peer;
+    c->wr = wr;
+    c->data = data;
+    c->with_imm = with_imm;
+    c->src = op->src;
     c->bytes = len;
     n->inflight_bytes += len;
     n->stats.wrs_posted++;
-    if (op->next_wr == 0 && op->tail_imm != 2) {
+    if (!p->lane_inflight[nic]) p->lane_since[nic] = now_ns();
+    p->lane_inflight[nic]++;
+    if (!is_retry && op->next_wr == 0 && wr != ATX_WR_TAIL) {
         op->nic = nic;
         n->stats.ops_posted++;
     }
     op->inflight++;
-    if (op->tail_imm == 2) op->tail_imm = 3;
+    if (is_retry) op->nretry--;
+    else if (wr == ATX_WR_TAIL) op->tail_imm = 3;
     else op->next_wr++;
     return 0;
 }
 
-/* Post queued work until the queue is empty, no NIC can take more or the
- * provider pushes back on every NIC.  Returns the number of WRs posted. */
+/* Post queued work, in order, as far as the NICs take it.  An operation
+ * that cannot go on for reasons of its peer (every lane to it down, its
+ * token slot on the way, the provider pushing back on its connection) is
+ * passed over for this pass, so one dead or slow peer does not hold up the
+ * others; a pass ends when no NIC has room at all.  Returns the number of
+ * WRs posted. */
 static size_t post_pending(atx_engine *e) {
     size_t posted = 0;
-    while (e->post_head) {
-        atx_op *op = e->post_head;
-        int more;
-        more = op->status == 0 &&
-                   (op->next_wr < op->nwr || op->tail_imm == 2);
-        if (more && op->tail_imm == 1 && op->next_wr == op->nwr) more = 0;
+    int eagain[ATX_MAX_NICS] = {0};
+    atx_op *prev = NULL, *op = e->post_head;
+    e->pass++;
+    while (op) {
+        atx_op *next = op->next;
+        int more = op->status == 0 &&
+                   (op->nretry || op->next_wr < op->nwr || op->tail_imm == 2);
+        if (more && !op->nretry && op->tail_imm == 1 && op->next_wr == op->nwr) more = 0;
         if (more) {
             int nic = -1;
-            int rc = post_one(e, op, &nic);
+            uint64_t peer = UINT64_MAX;
+            int rc = post_one(e, op, &nic, &peer);
             if (rc == 0) {
                 posted++;
-                continue;
+                continue;           /* the same op: its next WR */
             }
-            if (rc == 1) break;
-            if (rc == -FI_EAGAIN) {
-                /* this NIC waits for a CQ poll; another may take the WR */
-                e->nics[nic].stats.eagain++;
-                e->nics[nic].tx_blocked = 1;
+            if (rc == 1 && nic == -1) break;   /* no NIC has room: later */
+            if (rc == 1 || rc == -FI_EAGAIN) {
+                if (rc == -FI_EAGAIN) {
+                    e->nics[nic].stats.eagain++;
+                    /* pushed back for several peers: the NIC itself is full */
+                    if (++eagain[nic] >= 4) e->nics[nic].tx_blocked = 1;
+                }
+                if (peer < e->npeers) e->peers[peer].skip_pass = e->pass;
+                prev = op;
+                op = next;
                 continue;
             }
             {
@@ -1201,11 +1386,16 @@ static size_t post_pending(atx_engine *e) {
                 e->nics[nic >= 0 ? nic : 0].stats.errors++;
             }
         }
-        /* nothing more to post for this op now */
-        e->post_head = op->next;
-        if (!e->post_head) e->post_tail = NULL;
+        /* nothing more to post for this op now: out of the queue */
+        if (prev) prev->next = next; else e->post_head = next;
+        if (e->post_tail == op) e->post_tail = prev;
         op->in_post_q = 0;
-        op_check(e, op);
+        op_check(e, op);   /* may queue it again, at the tail */
+        if (!next && e->post_tail && e->post_tail != prev && e->post_tail == op) {
+            /* it came back at the tail: visit it once more */
+            next = op;
+        }
+        op = next;
     }
     return posted;
 }
@@ -1223,7 +1413,7 @@ static void accept_op(atx_engine *e, atx_op *op) {
 static int post_rx(atx_engine *e, atx_nic *n, atx_ctx *c) {
     int rc;
     for (int tries = 0; tries < 1000; tries++) {
-        rc = (int)fi_recv(n->ep, c->buf, e->cfg.msg_size, n->rx_desc, FI_ADDR_UNSPEC, c);
+        rc = (int)fi_recv(n->ep, c->buf, e->rx_size, n->rx_desc, FI_ADDR_UNSPEC, c);
         if (rc != -FI_EAGAIN) return rc;
         fi_cq_read(n->cq, NULL, 0);
     }
@@ -1234,8 +1424,32 @@ static void handle_tx_done(atx_engine *e, atx_nic *n, atx_ctx *c, int status, in
                            const char *text) {
     atx_op *op = c->op;
     uint64_t bytes = c->bytes;
+    int nic = (int)(n - e->nics);
+    atx_peer *p = c->peer < e->npeers ? &e->peers[c->peer] : NULL;
     ctx_put(n, c);   /* c's fields stay readable until the next ctx_get */
     n->inflight_bytes -= bytes;
+    n->stats.wrs_completed++;
+    if (p) {
+        if (!c->abandoned && !c->probe && p->lane_inflight[nic]) p->lane_inflight[nic]--;
+        if (!status) {
+            p->lane_since[nic] = e->now;
+            p->last_ok = e->now;
+        }
+    }
+    if (c->probe) {
+        /* a lane probe came back: the lane works again (or is still broken) */
+        if (p) {
+            p->probing[nic] = 0;
+            if (!status) p->down[nic] = 0;
+            else p->down_at[nic] = e->now;
+        }
+        return;
+    }
+    if (c->abandoned) {
+        /* its lane was declared down and the WR posted again elsewhere */
+        if (status) n->stats.errors++;
+        return;
+    }
     op->inflight--;
     if (status) {
         op_fail(op, status, prov_errno, text);
@@ -1243,10 +1457,121 @@ static void handle_tx_done(atx_engine *e, atx_nic *n, atx_ctx *c, int status, in
     } else {
         op->bytes += bytes;
         n->stats.bytes_written += bytes;
-        if (c->peer < e->npeers) e->peers[c->peer].last_ok = e->now;
     }
-    n->stats.wrs_completed++;
     op_check(e, op);
+}
+
+/* The slot of sender engine_id (created if new and there is room), or -1. */
+static int slot_of(atx_engine *e, uint64_t engine_id) {
+    for (size_t i = 0; i < e->nslots; i++)
+        if (e->slots[i].engine_id == engine_id) return (int)i;
+    if (e->nslots >= ATX_MAX_SLOTS) return -1;
+    if (!(e->nslots & (e->nslots - 1)) || e->nslots == 0) {
+        size_t cap = e->nslots ? e->nslots * 2 : 4;
+        atx_slot *ns = realloc(e->slots, cap * sizeof(*ns));
+        if (!ns) return -1;
+        e->slots = ns;
+    }
+    memset(&e->slots[e->nslots], 0, sizeof(atx_slot));
+    e->slots[e->nslots].engine_id = engine_id;
+    return (int)e->nslots++;
+}
+
+/* Has the immediate with this token been counted already?  Marks it seen.
+ * Sequence numbers older than the window count as seen: a sender has far
+ * fewer immediates in flight to us than ATX_DEDUP_WIN, so only a stale copy
+ * (a work request of a lane that went down, arriving after it healed) is
+ * that old. */
+static int token_seen(atx_engine *e, uint64_t data) {
+    uint64_t slot = (data >> ATX_TOK_SLOT_SHIFT) & ATX_TOK_SLOT_MASK;
+    uint16_t seq = (uint16_t)(data >> ATX_TOK_SEQ_SHIFT);
+    atx_slot *s;
+    int16_t d;
+    uint32_t bit;
+    if (slot >= e->nslots) return 0;   /* not a slot we gave: cannot tell */
+    s = &e->slots[slot];
+    if (!s->seen_any) {
+        s->seen_any = 1;
+        s->hi = (uint16_t)(seq - 1);
+    }
+    d = (int16_t)(uint16_t)(seq - s->hi);
+    if (d > 0) {
+        /* the window slides: forget what it leaves (hi+1 .. seq are new) */
+        if ((uint32_t)d >= ATX_DEDUP_WIN) {
+            memset(s->bits, 0, sizeof(s->bits));
+        } else {
+            for (uint16_t k = (uint16_t)(s->hi + 1);; k++) {
+                bit = (uint32_t)k % ATX_DEDUP_WIN;
+                s->bits[bit / 8] &= (uint8_t)~(1u << (bit % 8));
+                if (k == seq) break;
+            }
+        }
+        s->hi = seq;
+    } else if ((uint32_t)(-(int32_t)d) >= ATX_DEDUP_WIN) {
+        return 1;
+    }
+    bit = (uint32_t)seq % ATX_DEDUP_WIN;
+    if (s->bits[bit / 8] & (1u << (bit % 8))) return 1;
+    s->bits[bit / 8] |= (uint8_t)(1u << (bit % 8));
+    return 0;
+}
+
+static int post_internal_send(atx_engine *e, uint64_t peer, int kind, const void *payload,
+                              size_t len);
+static int insert_peer(atx_engine *e, int nnames, const void *const *names, const size_t *lens,
+                       uint64_t engine_id, uint64_t *peer_out, char *err, size_t errlen);
+
+/* MSG_HELLO from a sender: give it a slot and tell it (MSG_HELLO_ACK). */
+static void on_hello(atx_engine *e, atx_nic *n, const char *b, size_t len) {
+    uint64_t id, peer = UINT64_MAX;
+    const void *names[ATX_MAX_NICS];
+    size_t lens[ATX_MAX_NICS], pos = 9;
+    int nn, slot;
+    char ack[1 + 8 + 2];
+    if (len < 10) goto bad;
+    memcpy(&id, b + 1, 8);
+    nn = (unsigned char)b[pos++];
+    if (nn < 1 || nn > ATX_MAX_NICS) goto bad;
+    for (int i = 0; i < nn; i++) {
+        uint16_t l;
+        if (len - pos < 2) goto bad;
+        memcpy(&l, b + pos, 2);
+        pos += 2;
+        if (l == 0 || l > 256 || len - pos < l) goto bad;
+        names[i] = b + pos;
+        lens[i] = l;
+        pos += l;
+    }
+    slot = slot_of(e, id);   /* -1: no room, that sender's immediates go without tokens */
+    for (size_t i = 0; i < e->npeers; i++)
+        if (e->peers[i].engine_id == id) peer = i;
+    if (peer == UINT64_MAX &&
+        insert_peer(e, nn, names, lens, id, &peer, NULL, 0) != 0)
+        return;
+    memcpy(ack + 1, &e->cfg.engine_id, 8);
+    {
+        uint16_t s16 = slot < 0 ? ATX_NO_SLOT : (uint16_t)slot;
+        memcpy(ack + 9, &s16, 2);
+    }
+    post_internal_send(e, peer, MSG_HELLO_ACK, ack + 1, sizeof(ack) - 1);
+    return;
+bad:
+    n->stats.msgs_bad++;
+}
+
+/* MSG_HELLO_ACK: our slot at that peer; our immediates to it carry tokens. */
+static void on_hello_ack(atx_engine *e, atx_nic *n, const char *b, size_t len) {
+    uint64_t id;
+    uint16_t slot;
+    if (len != 11) {
+        n->stats.msgs_bad++;
+        return;
+    }
+    memcpy(&id, b + 1, 8);
+    memcpy(&slot, b + 9, 2);
+    for (size_t i = 0; i < e->npeers; i++)
+        if (e->peers[i].engine_id == id && e->peers[i].slot == SLOT_WAIT)
+            e->peers[i].slot = slot <= ATX_TOK_SLOT_MASK ? slot : SLOT_NONE;
 }
 
 static void handle_rx(atx_engine *e, atx_nic *n, struct fi_cq_data_entry *ce) {
@@ -1254,24 +1579,41 @@ static void handle_rx(atx_engine *e, atx_nic *n, struct fi_cq_data_entry *ce) {
     if (ce->flags & FI_REMOTE_WRITE) {
         if ((ce->flags & FI_REMOTE_CQ_DATA) &&
             (!n->imm_flag || (ce->data & n->imm_flag))) {
-            n->stats.imms_received++;
-            imm_arrived(e, n, (uint32_t)ce->data);
+            if ((ce->data & ATX_TOK_VALID) && n->imm_flag && token_seen(e, ce->data)) {
+                n->stats.imms_duplicate++;
+            } else {
+                n->stats.imms_received++;
+                imm_arrived(e, n, (uint32_t)ce->data);
+            }
         }
         /* FI_RX_CQ_DATA: the write consumed one of our receive buffers */
         if (n->pub.rx_cq_data && c && c->kind == CTX_RX) post_rx(e, n, c);
         return;
     }
     if (c && c->kind == CTX_RX) {
-        atx_record r;
-        memset(&r, 0, sizeof(r));
-        r.kind = ATX_REC_MSG;
-        r.bytes = ce->len;
-        r.data = malloc(ce->len ? ce->len : 1);
-        if (r.data) {
-            memcpy(r.data, c->buf, ce->len);
-            batch_push(e, &r);
+        const char *b = c->buf;
+        size_t len = ce->len;
+        int kind = len ? (unsigned char)b[0] : -1;
+        if (kind == MSG_USER && len - 1 > e->cfg.msg_size) {
+            n->stats.msgs_bad++;   /* larger than we accept (the buffer has room for a hello) */
+        } else if (kind == MSG_USER) {
+            atx_record r;
+            memset(&r, 0, sizeof(r));
+            r.kind = ATX_REC_MSG;
+            r.bytes = len - 1;
+            r.data = malloc(len);
+            if (r.data) {
+                memcpy(r.data, b + 1, len - 1);
+                batch_push(e, &r);
+            }
+            n->stats.msgs_received++;
+        } else if (kind == MSG_HELLO) {
+            on_hello(e, n, b, len);
+        } else if (kind == MSG_HELLO_ACK) {
+            on_hello_ack(e, n, b, len);
+        } else if (kind != MSG_PROBE) {
+            n->stats.msgs_bad++;
         }
-        n->stats.msgs_received++;
         post_rx(e, n, c);
     }
 }
@@ -1363,6 +1705,116 @@ static void scan_stalls(atx_engine *e, uint64_t t) {
                      (double)e->cfg.peer_timeout_ns / 1e9);
             op_fail(op, -FI_ETIMEDOUT, 0, text);
             op_report(e, op);
+        }
+    }
+}
+
+static void lane_reconnect(atx_engine *e, atx_peer *p, int l);
+
+/* Lane (peer p, our NIC l) is down: no completion for failover_ns while
+ * work requests were in flight on it (a cut link, a dead switch port).
+ * Its work requests are abandoned and posted again over other lanes, with
+ * the same CQ data (so the receiver counts an immediate once, see
+ * token_seen); the lane's connection is dropped (fi_av_remove: what the
+ * provider still queues for it is never sent) and its address inserted
+ * again for the probes that bring it back. */
+static void lane_down(atx_engine *e, uint64_t pi, int l, uint64_t t) {
+    atx_peer *p = &e->peers[pi];
+    atx_nic *n = &e->nics[l];
+    p->down[l] = 1;
+    p->down_at[l] = t;
+    p->probing[l] = 0;
+    n->stats.lanes_down++;
+    for (size_t i = 0; i < n->tx_depth; i++) {
+        atx_ctx *c = &n->tx_ctx[i];
+        atx_op *op;
+        if (!c->used || c->abandoned || c->probe || c->peer != pi) continue;
+        c->abandoned = 1;
+        op = c->op;
+        op->inflight--;
+        if (op->status == 0) {
+            if (op->nretry == op->retry_cap) {
+                uint32_t cap = op->retry_cap ? op->retry_cap * 2 : 8;
+                void *nr = realloc(op->retry, cap * sizeof(*op->retry));
+                if (!nr) {
+                    op_fail(op, -FI_ENOMEM, 0, "out of memory re-posting after failover");
+                    op_check(e, op);
+                    continue;
+                }
+                op->retry = nr;
+                op->retry_cap = cap;
+            }
+            op->retry[op->nretry].wr = c->wr;
+            op->retry[op->nretry].data = c->data;
+            op->nretry++;
+            n->stats.wrs_resent++;
+        }
+        if (!op->in_post_q) op_check(e, op);
+    }
+    p->lane_inflight[l] = 0;
+    lane_reconnect(e, p, l);
+}
+
+/* Probe a down lane: a MSG_PROBE over it; its completion brings it back. */
+static void lane_probe(atx_engine *e, uint64_t pi, int l) {
+    atx_peer *p = &e->peers[pi];
+    atx_nic *n = &e->nics[l];
+    static const char probe = MSG_PROBE;
+    atx_ctx *c;
+    int rc;
+    if (!n->tx_free || n->pub.mr_local) return;   /* (mr_local: no descriptor for it) */
+    c = ctx_get(n);
+    rc = (int)fi_send(n->ep, &probe, 1, NULL, p->fa[l][p->route[l][0]], c);
+    if (rc) {
+        ctx_put(n, c);
+        return;
+    }
+    c->op = NULL;
+    c->probe = 1;
+    c->peer = pi;
+    c->bytes = 0;
+    c->wr = 0;
+    p->probing[l] = 1;
+    p->probe_at[l] = now_ns();
+}
+
+/* A fresh connection for lane (p, l): the provider forgets what it still
+ * queued for the old one (it is never sent) and connects anew. */
+static void lane_reconnect(atx_engine *e, atx_peer *p, int l) {
+    atx_nic *n = &e->nics[l];
+    for (int k = 0; k < p->nroute[l]; k++) {
+        int r = p->route[l][k];
+        fi_addr_t fa = FI_ADDR_NOTAVAIL;
+        fi_av_remove(n->av, &p->fa[l][r], 1, 0);
+        if (fi_av_insert(n->av, p->names[r], 1, &fa, 0, NULL) == 1) p->fa[l][r] = fa;
+    }
+}
+
+/* Lanes with work and no progress go down; down lanes get probed. */
+static void scan_lanes(atx_engine *e, uint64_t t) {
+    if (e->nnics < 2) return;   /* failover moves work between our NICs */
+    for (uint64_t pi = 0; pi < e->npeers; pi++) {
+        atx_peer *p = &e->peers[pi];
+        if (p->slot == SLOT_WAIT && t - p->hello_at > e->cfg.failover_ns)
+            p->slot = SLOT_NONE;   /* no answer: immediates go without tokens */
+        for (int l = 0; l < e->nnics; l++) {
+            if (!p->down[l]) {
+                if (p->lane_inflight[l] && t > p->lane_since[l] &&
+                    t - p->lane_since[l] > e->cfg.failover_ns) {
+                    /* only if another lane to this peer is up */
+                    int other = 0;
+                    for (int k = 0; k < e->nnics; k++) other |= k != l && !p->down[k];
+                    if (other) lane_down(e, pi, l, t);
+                }
+            } else if (!p->probing[l]) {
+                if (t - p->down_at[l] > ATX_PROBE_NS) lane_probe(e, pi, l);
+            } else if (t - p->probe_at[l] > ATX_PROBE_STALL_NS) {
+                /* the probe hangs in a connection attempt: start afresh (a
+                 * late success of the old probe still brings the lane up) */
+                lane_reconnect(e, p, l);
+                p->probing[l] = 0;
+                p->down_at[l] = t;
+            }
         }
     }
 }
@@ -1464,12 +1916,14 @@ static void shutdown_worker(atx_engine *e) {
         if (!busy || now_ns() > deadline) break;
         sched_yield();
     }
+    pthread_mutex_lock(&g_lifecycle_lock);
     for (int i = 0; i < e->nnics; i++) {
         if (e->nics[i].ep) {
             fi_close(&e->nics[i].ep->fid);
             e->nics[i].ep = NULL;
         }
     }
+    pthread_mutex_unlock(&g_lifecycle_lock);
     while ((op = e->live)) {
         op_fail(op, -FI_ECANCELED, 0, "engine closed");
         op->inflight = 0;
@@ -1523,8 +1977,10 @@ static void *worker_main(void *arg) {
         }
         work = progress_once(e, 64);
         t = now_ns();
-        if (e->live && t - e->last_scan > ATX_STALL_SCAN_NS) {
+        if (t - e->last_scan > ATX_STALL_SCAN_NS && (e->live || e->npeers)) {
+            scan_lanes(e, t);
             scan_stalls(e, t);
+            post_pending(e);
             batch_flush(e);
         }
         rec_notify_due(e, 0);
@@ -1645,11 +2101,11 @@ static int open_nic(atx_engine *e, atx_nic *n, struct fi_info *info, char *err, 
 
     /* receive buffers: control messages, and remote CQ data under FI_RX_CQ_DATA */
     n->rx_count = e->cfg.msg_count;
-    n->rx_block = malloc((size_t)n->rx_count * e->cfg.msg_size);
+    n->rx_block = malloc((size_t)n->rx_count * e->rx_size);
     n->rx_ctx = calloc((size_t)n->rx_count, sizeof(atx_ctx));
     if (!n->rx_block || !n->rx_ctx) return -FI_ENOMEM;
     if (n->pub.mr_local) {
-        rc = fi_mr_reg(n->domain, n->rx_block, (size_t)n->rx_count * e->cfg.msg_size, FI_RECV, 0,
+        rc = fi_mr_reg(n->domain, n->rx_block, (size_t)n->rx_count * e->rx_size, FI_RECV, 0,
                        e->next_key++, 0, &n->rx_mr, NULL);
         if (rc) { seterr(err, errlen, "fi_mr_reg (receive buffers)", rc); return rc; }
         if (n->pub.mr_endpoint) {
@@ -1662,7 +2118,7 @@ static int open_nic(atx_engine *e, atx_nic *n, struct fi_info *info, char *err, 
     for (int i = 0; i < n->rx_count; i++) {
         atx_ctx *c = &n->rx_ctx[i];
         c->kind = CTX_RX;
-        c->buf = n->rx_block + (size_t)i * e->cfg.msg_size;
+        c->buf = n->rx_block + (size_t)i * e->rx_size;
         rc = post_rx(e, n, c);
         if (rc) { seterr(err, errlen, "fi_recv", rc); return rc; }
     }
@@ -1771,6 +2227,8 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     e->cfg.ndomains = 0;
     if (e->cfg.msg_size == 0) e->cfg.msg_size = 65536;
     if (e->cfg.msg_count <= 0) e->cfg.msg_count = 64;
+    e->rx_size = e->cfg.msg_size + 1 > sizeof(e->hello) ? e->cfg.msg_size + 1 : sizeof(e->hello);
+    if (e->cfg.failover_ns == 0) e->cfg.failover_ns = ATX_FAILOVER_NS;
     if (e->cfg.stripe == 0) e->cfg.stripe = ATX_STRIPE;
     if (e->cfg.nic_budget == 0) e->cfg.nic_budget = ATX_NIC_BUDGET;
     if (e->cfg.peer_timeout_ns == 0) e->cfg.peer_timeout_ns = ATX_PEER_TIMEOUT_NS;
@@ -1786,7 +2244,9 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     pthread_mutex_init(&e->join_lock, NULL);
 
     for (int d = 0; d < ndom; d++) {
+        pthread_mutex_lock(&g_lifecycle_lock);
         rc = open_nic(e, &e->nics[d], pick[d], err, errlen);
+        pthread_mutex_unlock(&g_lifecycle_lock);
         e->nnics = d + 1;   /* destroy closes what was opened */
         if (rc) {
             fi_freeinfo(list);
@@ -1802,6 +2262,26 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     fi_freeinfo(list);
     if (!known)
         for (int d = 0; d < ndom; d++) e->nics[d].weight = 1;
+    /* our MSG_HELLO: engine id, then each NIC's endpoint name */
+    {
+        size_t pos = 0;
+        e->hello[pos++] = MSG_HELLO;
+        memcpy(e->hello + pos, &e->cfg.engine_id, 8);
+        pos += 8;
+        e->hello[pos++] = (char)ndom;
+        for (int d = 0; d < ndom; d++) {
+            size_t nl = 256;
+            uint16_t l16;
+            if (fi_getname(&e->nics[d].ep->fid, e->hello + pos + 2, &nl) != 0 || nl > 256) {
+                pos = 0;   /* no hello: immediates go without tokens */
+                break;
+            }
+            l16 = (uint16_t)nl;
+            memcpy(e->hello + pos, &l16, 2);
+            pos += 2 + nl;
+        }
+        e->hello_len = pos;
+    }
     if (e->cfg.max_chunk > (1ULL << 30)) e->cfg.max_chunk = 1ULL << 30;
 
     rc = pthread_create(&e->thread, NULL, worker_main, e);
@@ -1841,12 +2321,17 @@ void atx_engine_stop(atx_engine *e) {
 void atx_engine_destroy(atx_engine *e) {
     if (!e) return;
     atx_engine_stop(e);
+    pthread_mutex_lock(&g_lifecycle_lock);
     for (int i = 0; i < ATX_MAX_NICS; i++) close_nic(&e->nics[i]);
+    pthread_mutex_unlock(&g_lifecycle_lock);
     for (size_t i = 0; i < e->rec_n; i++) free(e->recs[i].data);
     free(e->recs);
     free(e->batch);
+    for (size_t i = 0; i < e->npeers; i++)
+        for (int r = 0; r < e->peers[i].nremote; r++) free((void *)e->peers[i].names[r]);
     free(e->peers);
     free(e->dests);
+    free(e->slots);
     if (e->ctab) {
         for (size_t i = 0; i < e->ctab_cap; i++) {
             atx_waiter *w = e->ctab[i].head;

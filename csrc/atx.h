@@ -52,6 +52,9 @@ typedef struct atx_config {
     size_t max_chunk;         /* split single writes into chunks of at most this */
     size_t tx_depth;          /* work requests in flight per NIC, 0: provider's queue size */
     int no_wait_fd;           /* never block on the CQ's wait fd: poll with backoff */
+    uint64_t engine_id;       /* this engine's id (its address); tokens and MSG_HELLO */
+    uint64_t failover_ns;     /* a lane with work in flight and no completion this long is
+                               * declared down; its work goes over other lanes (0: 1 s) */
     size_t stripe;            /* several NICs: single writes split into stripes of this */
     size_t nic_budget;        /* several NICs: bytes in flight per NIC before choosing another */
     uint64_t peer_timeout_ns; /* no completion from a peer this long while operations to it
@@ -119,10 +122,13 @@ int atx_mr_reg(atx_engine *e, void *addr, size_t len, int remote_read, atx_mr *o
                char *err, size_t errlen);
 int atx_mr_dereg(atx_engine *e, atx_mr *mr);
 /* Insert a peer (one raw endpoint name per NIC of the peer: 1..ATX_MAX_NICS,
- * not necessarily as many as ours); returns the peer index.  NICs pair as
- * lanes: lane k < max(L, R) joins our NIC k % L with the peer's NIC k % R. */
+ * not necessarily as many as ours; engine_id from its address); returns the
+ * peer index.  NICs pair as lanes: lane k < max(L, R) joins our NIC k % L
+ * with the peer's NIC k % R.  With 8 bytes of CQ data the engine says hello
+ * to the peer, which gives it a slot: its immediates then carry tokens the
+ * peer deduplicates (an immediate re-sent over another lane counts once). */
 int atx_peer_insert(atx_engine *e, int nnames, const void *const *names, const size_t *lens,
-                    uint64_t *peer_out, char *err, size_t errlen);
+                    uint64_t engine_id, uint64_t *peer_out, char *err, size_t errlen);
 /* A remote region of peer `peer`: (base, key) per NIC of the peer.  Returns
  * its id, which operations name; ids stay valid for the engine's life. */
 int atx_dest_add(atx_engine *e, uint64_t peer, int n, const uint64_t *bases,
@@ -173,6 +179,10 @@ typedef struct atx_stats {
     uint64_t imms_received, msgs_received, errors, eagain;
     uint64_t wakeups, polls;
     uint64_t imms_dropped;    /* arrivals of new values beyond the counter table's bound */
+    uint64_t imms_duplicate;  /* immediates seen twice (re-sent over another lane): not counted */
+    uint64_t msgs_bad;        /* malformed or unknown control messages: dropped */
+    uint64_t lanes_down;      /* times a lane to a peer was declared down (failover) */
+    uint64_t wrs_resent;      /* work requests posted again over another lane */
     uint64_t inflight_bytes;  /* payload posted on this NIC, not yet completed */
     uint64_t weight;          /* the NIC's share in the selector */
 } atx_stats;

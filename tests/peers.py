@@ -120,7 +120,10 @@ async def _receiver(conn, provider: str, plan: dict, nics: Any = None) -> None:
             # the other direction: write region 0 back, then say so in a message
             await engine.write(mrs[0], echo_to, imm=ECHO_IMM)
             await engine.send(plan["parent_address"], b"echo-done")
-        conn.send(("result", errors))
+        if plan.get("report_stats"):
+            conn.send(("result", errors, engine.stats()))
+        else:
+            conn.send(("result", errors))
         kind, *_ = await pipe_recv(conn)
         assert kind == "bye", kind
 
@@ -222,6 +225,17 @@ class PlanBuilder:
 async def run_ops(engine, smr, ops: list[tuple], descs: list[list[bytes]],
                   addresses: list[bytes]) -> None:
     """Post every planned operation at once and wait for all of them."""
+    await wait_ops(post_ops(engine, smr, ops, descs, addresses))
+
+
+async def wait_ops(futs: list) -> None:
+    results = await asyncio.wait_for(asyncio.gather(*futs), STEP_TIMEOUT)
+    assert results == [None] * len(futs)
+
+
+def post_ops(engine, smr, ops: list[tuple], descs: list[list[bytes]],
+             addresses: list[bytes]) -> list:
+    """Post every planned operation; returns their futures."""
     futs = []
     for op in ops:
         kind = op[0]
@@ -247,8 +261,7 @@ async def run_ops(engine, smr, ops: list[tuple], descs: list[list[bytes]],
         elif kind == "send":
             _, rcv, data = op
             futs.append(engine.send(addresses[rcv], data))
-    results = await asyncio.wait_for(asyncio.gather(*futs), STEP_TIMEOUT)
-    assert results == [None] * len(futs)
+    return futs
 
 
 # ------------------------------------------------------ sender children
@@ -274,9 +287,14 @@ async def _sender(conn, provider: str, nics: Any, ops: list[tuple], src_seed: in
         conn.send(("ready", engine.address, [n.name for n in engine.nics]))
         kind, descs, addresses = await pipe_recv(conn)
         assert kind == "targets", kind
-        await run_ops(engine, smr, ops, descs, addresses)
-        conn.send(("sent", engine.stats()))
-        kind, *_ = await pipe_recv(conn)
+        while True:
+            futs = post_ops(engine, smr, ops, descs, addresses)
+            conn.send(("posted",))
+            await wait_ops(futs)
+            conn.send(("sent", engine.stats()))
+            kind, *_ = await pipe_recv(conn)
+            if kind != "again":
+                break
         assert kind == "bye", kind
 
 

@@ -80,6 +80,7 @@ async def _run(fabric, children, rng, seed, send_nics, recv_nics: list) -> list[
     for i in range(n):
         pb.plans[i]["parent_address"] = None
     sconn.send(("targets", [d for _, d in ready], [a for a, _ in ready]))
+    await expect(sconn, "posted")
     (stats,) = await expect(sconn, "sent", timeout=180)
     for _, conn in rprocs:
         conn.send(("done", None))
