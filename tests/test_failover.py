@@ -187,3 +187,55 @@ async def expect_plain(conn, timeout: float = peers.STEP_TIMEOUT):
         return await peers.pipe_recv(conn, timeout)
     except EOFError:
         raise AssertionError("the child went away") from None
+
+
+def _lo_target_main(conn) -> None:
+    """Child: an engine on loopback with a 64 MiB region; the parent stops
+    (SIGSTOP) and resumes it."""
+    async def run() -> None:
+        async with aiotransfer.TransferEngine(PROVIDER, nics=["lo"]) as eng:
+            mr = eng.register(np.zeros(64 * MiB, np.uint8))
+            conn.send(mr.descriptor)
+            await asyncio.to_thread(conn.recv)
+
+    asyncio.run(run())
+
+
+async def test_stalled_peer_times_out_and_region_stays_pinned(make_engine, children):
+    """A peer that stops answering (SIGSTOP) with 128 MiB of writes in
+    flight: they fail with PeerError after peer_timeout, but the source
+    region cannot be deregistered while the provider still holds its work
+    requests; once the peer resumes they drain and it can."""
+    import os
+    import signal
+    eng = await make_engine(PROVIDER, peer_timeout=1.0)
+    proc, conn = children.start(_lo_target_main)
+    desc = await expect_plain(conn)
+    src = eng.register(np.ones(4 * MiB, np.uint8))
+    await eng.write(src, desc)                       # connected
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        futs = [eng.write(src, desc, dst_offset=(i % 16) * 4 * MiB, imm=1) for i in range(32)]
+        res = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 30)
+        elapsed = time.monotonic() - t0
+        assert any(isinstance(r, PeerError) for r in res), res
+        assert all(r is None or isinstance(r, PeerError) for r in res), res
+        assert elapsed < 1.0 + 3.0, elapsed
+        assert "no completion from the peer" in str(next(r for r in res if r is not None))
+        assert src.inflight == 0
+        with pytest.raises(BufferError, match="NIC"):
+            eng.deregister(src)                      # the provider still holds them
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            eng.deregister(src)
+            break
+        except BufferError:
+            assert time.monotonic() < deadline, "work requests never drained"
+            await asyncio.sleep(0.05)
+    assert src.closed
+    conn.send("bye")
+    assert await join(proc) == 0
