@@ -7,7 +7,7 @@ PROVIDER ?= auto
 PY       := $(VENV)/bin/python
 APT_PKGS := libfabric-dev libfabric-bin libibverbs-dev ibverbs-utils pkg-config gcc make \
             iproute2 nftables python3-venv python3-dev
-PY_PKGS  := "Cython>=3.0" "numpy>=1.22" setuptools wheel pytest pytest-asyncio pytest-timeout
+PY_PKGS  := "Cython>=3.0" "numpy>=1.22" setuptools wheel pytest pytest-asyncio pytest-timeout hypothesis
 
 .PHONY: all deps venv build test test-slow demo bench info clean
 
@@ -23,7 +23,7 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS); \
 	fi
 
-$(VENV)/.stamp: pyproject.toml
+$(VENV)/.stamp: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PY_PKGS)
@@ -51,6 +51,13 @@ info: build
 bench: build
 	$(PY) -m pip install -q matplotlib
 	$(PY) benchmarks/bench_core.py --json benchmarks/results/core.json --plot docs/img/core_bw.png
+
+# head to head with the peer libraries (installs them: nixl pulls in torch, a few GB)
+.PHONY: bench-peers
+bench-peers: build
+	$(PY) -m pip install -q "matplotlib>=3.5" mooncake-transfer-engine-non-cuda nixl
+	$(VENV)/bin/aiotransfer bench --repeat 3 --wait-idle 3 --json benchmarks/results/bench.json \
+	    --plot docs/img/bench_bw.png --markdown benchmarks/results/bench.md
 
 clean:
 	rm -rf build $(VENV) *.egg-info aiotransfer/_core.c aiotransfer/*.so benchmarks/raw/build

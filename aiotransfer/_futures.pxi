@@ -55,8 +55,10 @@ cdef object _check_uint(str name, object v, object limit):
     else:
         try:
             i = v.__index__()
-        except AttributeError:
+        except (AttributeError, TypeError):   # no __index__, or one that refuses
             raise TypeError(f"{name} must be an integer, not {type(v).__name__}") from None
+        if type(i) is not int:
+            raise TypeError(f"{name} must be an integer, not {type(v).__name__}")
     if i < 0 or i >= limit:
         raise ValueError(f"{name}={i} is out of range [0, {limit})")
     return i

@@ -1,4 +1,4 @@
-"""The ``aiotransfer`` console script: ``info`` and ``demo``."""
+"""The ``aiotransfer`` console script: ``info``, ``demo`` and ``bench``."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="run the two-process paged-write demo")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda a: __import__("aiotransfer.demo", fromlist=["main"]).main(a.rest))
+    # bench: listed here, parsed by aiotransfer.bench.sweep (its options start with "-")
+    sub.add_parser("bench", add_help=False,
+                   help="benchmark sweep against raw C libfabric and peer libraries "
+                        "(aiotransfer bench --help)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from .bench.sweep import main as bench_main
+        return bench_main(argv[1:])
     args = ap.parse_args(argv)
     return args.func(args)
 

@@ -119,6 +119,28 @@ def _imm(name: str, value: Any) -> int:
     return _uint(name, value, IMM_LIMIT)
 
 
+def _timeout(value: Any, name: str = "timeout") -> float | None:
+    """None or a finite number of seconds >= 0, else TypeError/ValueError naming it."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, not "
+                        f"{type(value).__name__}")
+    if not 0 <= value < float("inf"):   # also rejects nan
+        raise ValueError(f"{name}={value!r} must be a finite number >= 0 or None")
+    return float(value)
+
+
+def _iterable(name: str, value: Any) -> list:
+    """list(value), or TypeError naming the argument."""
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be an iterable of items, not {type(value).__name__}")
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an iterable, not {type(value).__name__}") from None
+
+
 def _pages(name: str, pages: Any) -> np.ndarray:
     try:
         arr = np.asarray(pages)
@@ -429,6 +451,8 @@ class TransferEngine:
     def _check_weights(weights: Any) -> list[float] | None:
         if weights is None:
             return None
+        if isinstance(weights, (str, bytes)):
+            raise TypeError("nic_weights must be a sequence of numbers, not a str")
         try:
             ws = [float(w) for w in weights]
         except (TypeError, ValueError):
@@ -575,12 +599,18 @@ class TransferEngine:
     def register(self, buf: Any, *, remote_read: bool = False) -> MemoryRegion:
         """Register a writable C-contiguous buffer (bytearray, numpy array, mmap)."""
         core = self._core_or_closed()
+        if not isinstance(remote_read, (bool, int, np.bool_)):
+            raise TypeError(f"remote_read must be a bool, not {type(remote_read).__name__}")
         try:
             mv = memoryview(buf)
         except TypeError:
             raise TypeError(f"buf must support the buffer protocol, not "
                             f"{type(buf).__name__}") from None
         with mv:
+            if "O" in mv.format:
+                # a peer writing into it would overwrite Python object pointers
+                raise TypeError("buf holds Python objects (buffer format 'O'): only plain "
+                                "data can be registered")
             if mv.readonly:
                 raise TypeError(f"buf must be writable ({type(buf).__name__} is read-only)")
             if not mv.c_contiguous:
@@ -633,8 +663,13 @@ class TransferEngine:
         if d is not None:
             return d
         if isinstance(dst, RemoteRegion):
-            region = dst
+            try:   # a RemoteRegion built by hand: its fields must survive the wire format
+                region = RemoteRegion.from_bytes(dst.to_bytes())
+            except Exception as exc:   # noqa: BLE001 - any malformed field
+                raise ValueError(f"{name}: malformed RemoteRegion: {exc}") from None
         elif isinstance(dst, MemoryRegion):
+            if dst._core is None:
+                raise ValueError(f"{name}: the MemoryRegion is deregistered")
             region = dst.remote
         elif isinstance(dst, (bytes, bytearray, memoryview)):
             try:
@@ -757,7 +792,7 @@ class TransferEngine:
         """Write slices of src_mr to many destinations; one immediate per target."""
         core = self._core_or_closed()
         src = self._src(src_mr)
-        tl = list(targets)
+        tl = _iterable("targets", targets)
         rows = np.empty((len(tl), 4), dtype=np.uint64)
         total = 0
         for i, t in enumerate(tl):
@@ -783,7 +818,7 @@ class TransferEngine:
         """Send one immediate to the owner of each destination region."""
         core = self._core_or_closed()
         iv = _imm("imm", imm)
-        dl = [self._dest(x, f"dsts[{i}]") for i, x in enumerate(dsts)]
+        dl = [self._dest(x, f"dsts[{i}]") for i, x in enumerate(_iterable("dsts", dsts))]
         rows = np.empty((len(dl), 4), dtype=np.uint64)
         for i, d in enumerate(dl):
             rows[i] = (d.id, 0, 0, 0)
@@ -807,9 +842,7 @@ class TransferEngine:
         self._core_or_closed()
         iv = _imm("imm", imm)
         n = _uint("count", count)
-        if timeout is not None and (isinstance(timeout, bool) or
-                                    not isinstance(timeout, (int, float)) or timeout < 0):
-            raise ValueError(f"timeout={timeout!r} must be a non-negative number or None")
+        timeout = _timeout(timeout)
         if n == 0:
             return
         c = self._c
@@ -891,6 +924,7 @@ class TransferEngine:
     async def recv(self, *, timeout: float | None = None) -> bytes:
         """Receive the next control message."""
         self._core_or_closed()
+        timeout = _timeout(timeout)
         m = self._msgs
         if m.queue:
             return m.queue.popleft()

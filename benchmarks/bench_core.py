@@ -1,9 +1,10 @@
 """Core benchmark: aiotransfer against a raw C libfabric program, same run.
 
-For each provider, the same modes, sizes, window and completion semantics
-(FI_DELIVERY_COMPLETE on every write that carries bytes) are measured with
-benchmarks/raw/fi_rawbench.c and with aiotransfer (benchmarks/aio_bench.py),
-alternating, and reported as ratios.  Medians over --repeat runs.
+A thin entry point of the harness (aiotransfer.bench): for each provider, the
+same modes, sizes, window and completion semantics (FI_DELIVERY_COMPLETE on
+every write that carries bytes) are measured with the C reference
+(aiotransfer/bench/fi_rawbench.c) and with aiotransfer, alternating, and
+reported as ratios.  Medians over --repeat runs.
 
     python benchmarks/bench_core.py                        # shm and tcp, full sweep
     python benchmarks/bench_core.py -p shm --quick         # a short smoke
@@ -12,132 +13,95 @@ alternating, and reported as ratios.  Medians over --repeat runs.
 Targets (issue: core engine), on shm and tcp: bandwidth >= 0.95 of raw C
 from 64 KiB to 16 MiB; paged 8 B pages >= 0.8 of raw C's rate; one awaitable
 per write >= 300,000 writes/s on shm; 8 B ping-pong latency within 10 us.
+The head-to-head sweep with the peer libraries is ``aiotransfer bench``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # numpy's BLAS threads spin otherwise
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE / "raw"))
+from aiotransfer.bench import Backend, Point  # noqa: E402
+from aiotransfer.bench.sweep import fmt_size, machine, run_sweep  # noqa: E402
 
-from aio_bench import idle_cpu, run_aio  # noqa: E402
-from rawbench import run_raw  # noqa: E402
-
-sys.path.insert(0, str(HERE.parent))
-from aiotransfer.progress import ProgressBar  # noqa: E402
-
-ALIASES = {"tcp": "tcp;ofi_rxm", "udp": "udp;ofi_rxd", "shm": "shm", "sockets": "sockets"}
 KIB, MIB = 1 << 10, 1 << 20
+NAMES = {"tcp": "tcp;ofi_rxm", "udp": "udp;ofi_rxd", "shm": "shm", "sockets": "sockets"}
+SHORT = {v: k for k, v in NAMES.items()}
+UNITS = {"bw": "GB/s", "rate": "Mop/s", "lat": "us"}
 
 
-def plan(quick: bool) -> list[tuple]:
-    """(mode, size, window, iters, pages) points."""
+def plan(providers: list[str], quick: bool) -> list[tuple[Point, list[str]]]:
+    """(point, [raw backend, aiotransfer backend]) per provider; the paged row
+    pairs the C program's paged mode with write_paged (1024 pages per call)."""
     if quick:
-        return [("bw", 64 * KIB, 64, 2000, None), ("rate", 8, 64, 20000, None),
-                ("paged", 8, 4096, 100000, 1024), ("lat", 8, 1, 500, None)]
-    pts = []
-    for size in (4 * KIB, 64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB):
-        total = 1 << 30 if size >= 64 * KIB else 256 * MIB
-        pts.append(("bw", size, 64 if size <= MIB else 16, max(200, total // size), None))
-    pts.append(("rate", 8, 64, 100000, None))
-    pts.append(("paged", 8, 4096, 1000000, 1024))
-    pts.append(("lat", 8, 1, 5000, None))
-    return pts
-
-
-def metric(res: dict, mode: str) -> float | None:
-    # end to end: the client's first measured post to the target's last
-    # arrival (same host, same CLOCK_MONOTONIC); the target-only span is
-    # unreliable on tcp, whose CQ can lag data placement by 100 ms
-    if mode == "bw":
-        return res.get("gbps_e2e")
-    if mode in ("rate", "paged"):
-        return res.get("mops_e2e")
-    return res.get("lat_us_median")
-
-
-def median_of(rs: list[dict], mode: str) -> float | None:
-    vals = [metric(r, mode) for r in rs if metric(r, mode) is not None]
-    return statistics.median(vals) if vals else None
-
-
-def run(providers: list[str], quick: bool, repeat: int) -> list[dict]:
-    pts = plan(quick)
-    rows = []
-    bar = ProgressBar(len(providers) * len(pts) * repeat * 2, "bench", unit="")
+        pts = [(Point("bw", 64 * KIB, 64, 2000), ""), (Point("rate", 8, 64, 20000), ""),
+               (Point("rate", 8, 4096, 100000, pages=1024), "paged"), (Point("lat", 8, 1, 500), "")]
+    else:
+        pts = []
+        for size in (4 * KIB, 64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB):
+            total = 1 << 30 if size >= 64 * KIB else 256 * MIB
+            pts.append((Point("bw", size, 64 if size <= MIB else 16, max(200, total // size)), ""))
+        pts += [(Point("rate", 8, 64, 100000), ""),
+                (Point("rate", 8, 4096, 1000000, pages=1024), "paged"),
+                (Point("lat", 8, 1, 5000), "")]
+    out = []
     for prov in providers:
-        for mode, size, window, iters, pages in pts:
-            if prov == "udp;ofi_rxd" and mode == "bw":
-                iters = max(100, iters // 20)
-            raw_rs, aio_rs = [], []
-            for _ in range(repeat):
-                raw_rs.append(run_raw(prov, mode, size, window, iters, delivery_complete=True,
-                                      pages=pages, timeout=300))
-                bar.update(1)
-                aio_rs.append(run_aio(prov, mode, size, window, iters, pages=pages))
-                bar.update(1)
-            row = {"provider": prov, "mode": mode, "size": size, "window": window,
-                   "iters": iters, "pages": pages,
-                   "raw": median_of(raw_rs, mode), "aio": median_of(aio_rs, mode),
-                   "raw_runs": [metric(r, mode) for r in raw_rs],
-                   "aio_runs": [metric(r, mode) for r in aio_rs],
-                   "verified": all(r.get("verified") for r in raw_rs + aio_rs)}
-            if row["raw"] and row["aio"]:
-                row["ratio"] = (row["raw"] / row["aio"] if mode == "lat"
-                                else row["aio"] / row["raw"])
-                if mode == "lat":
-                    row["delta_us"] = row["aio"] - row["raw"]
-            rows.append(row)
-    bar.close()
-    return rows
+        for point, style in pts:
+            if prov == "udp" and point.mode == "bw":
+                point = Point("bw", point.size, point.window, max(100, point.iters // 20))
+            suffix = f":{style}" if style else ""
+            out.append((point, [f"raw:{prov}{suffix}", f"aiotransfer:{prov}{suffix}"]))
+    return out
 
 
-def fmt_size(n: int) -> str:
-    return f"{n // MIB} MiB" if n >= MIB else f"{n // KIB} KiB" if n >= KIB else f"{n} B"
-
-
-def table(rows: list[dict]) -> str:
+def table(doc: dict) -> tuple[str, list[dict]]:
+    rows = {(r["backend"], r["mode"], r["size"], r["window"]): r for r in doc["rows"]}
     out = ["| provider | mode | size | window | raw C | aiotransfer | ratio | verified |",
            "|---|---|---|---|---|---|---|---|"]
-    units = {"bw": "GB/s", "rate": "Mop/s", "paged": "Mop/s", "lat": "us"}
-    for r in rows:
-        u = units[r["mode"]]
-        raw = f"{r['raw']:.3g} {u}" if r["raw"] is not None else "-"
-        aio = f"{r['aio']:.3g} {u}" if r["aio"] is not None else "-"
-        if r["mode"] == "lat" and "delta_us" in r:
-            ratio = f"+{r['delta_us']:.1f} us"
+    pairs = []
+    for (spec, mode, size, window), aio in rows.items():
+        b = Backend.parse(spec)
+        if b.kind != "aiotransfer":
+            continue
+        raw = rows.get((spec.replace("aiotransfer", "raw", 1), mode, size, window))
+        u = UNITS[mode]
+        r_v, a_v = raw and raw["value"], aio["value"]
+        if mode == "lat":
+            ratio = f"+{a_v - r_v:.1f} us" if r_v is not None and a_v is not None else "-"
         else:
-            ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
-        mode = r["mode"] + (f" ({r['pages']} pages/call)" if r["pages"] else "")
-        out.append(f"| {r['provider']} | {mode} | {fmt_size(r['size'])} | {r['window']} | "
-                   f"{raw} | {aio} | {ratio} | {'yes' if r['verified'] else 'NO'} |")
-    return "\n".join(out)
+            ratio = f"{a_v / r_v:.2f}" if r_v and a_v is not None else "-"
+        label = f"paged ({aio['pages']} pages/call)" if b.style == "paged" else mode
+        ok = aio["verified"] and raw is not None and raw["verified"]
+        out.append(f"| {NAMES[b.transport]} | {label} | {fmt_size(size)} | {window} | "
+                   f"{'-' if r_v is None else f'{r_v:.3g} {u}'} | "
+                   f"{'-' if a_v is None else f'{a_v:.3g} {u}'} | {ratio} | "
+                   f"{'yes' if ok else 'NO'} |")
+        pairs.append({"provider": NAMES[b.transport], "mode": mode, "style": b.style,
+                      "size": size, "window": window, "raw": r_v, "aio": a_v,
+                      "raw_runs": raw and raw["runs"], "aio_runs": aio["runs"], "verified": ok})
+    return "\n".join(out), pairs
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(pairs: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for prov in dict.fromkeys(r["provider"] for r in rows):
-        bw = [r for r in rows if r["provider"] == prov and r["mode"] == "bw"]
+    for prov in dict.fromkeys(p["provider"] for p in pairs):
+        bw = [p for p in pairs if p["provider"] == prov and p["mode"] == "bw"]
         if not bw:
             continue
-        xs = [r["size"] for r in bw]
-        ax.plot(xs, [r["raw"] for r in bw], "--o", label=f"raw C libfabric ({prov})")
-        ax.plot(xs, [r["aio"] for r in bw], "-s", label=f"aiotransfer ({prov})")
+        xs = [p["size"] for p in bw]
+        ax.plot(xs, [p["raw"] for p in bw], "--o", label=f"raw C libfabric ({prov})")
+        ax.plot(xs, [p["aio"] for p in bw], "-s", label=f"aiotransfer ({prov})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("write size (bytes)")
     ax.set_ylabel("GB/s, first post to last arrival (1e9 B/s)")
@@ -157,22 +121,28 @@ def main() -> int:
     ap.add_argument("--json", help="write the rows as JSON here")
     ap.add_argument("--plot", help="write a PNG plot of bandwidth vs size here")
     a = ap.parse_args()
-    providers = [ALIASES.get(p, p) for p in (a.provider or ["shm", "tcp"])]
+    providers = [SHORT.get(p, p) for p in (a.provider or ["shm", "tcp"])]
     t0 = time.time()
-    rows = run(providers, a.quick, a.repeat)
-    print(f"\nmachine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
-          f"{platform.platform()}; {time.time() - t0:.0f} s")
-    print(table(rows))
-    idle = {p: idle_cpu(p) for p in providers}
-    print("\nidle engine (3 s, process CPU): " +
-          ", ".join(f"{p} {v:.2f}% of a core" for p, v in idle.items()))
+    points = plan(providers, a.quick)
+    idle = [f"aiotransfer:{p}" for p in providers]
+    selected = [s for _, specs in points for s in specs] + idle
+    doc = run_sweep(points, selected, a.repeat, idle=idle, idle_seconds=5.0, timeout=300)
+    m = machine()
+    print(f"\nmachine: {m['host']} {m['arch']}, {m['cores']} cores, {m['os']}; "
+          f"{time.time() - t0:.0f} s")
+    for spec, reason in doc["unavailable"].items():
+        print(f"{spec}: unavailable: {reason}")
+    text, pairs = table(doc)
+    print(text)
+    idle_pct = {NAMES[s.split(":")[1]]: v for s, v in doc["idle_cpu_percent"].items()}
+    print("\nidle engine (5 s, /proc/<pid>/stat): " +
+          ", ".join(f"{p} {v:.2f}% of a core" for p, v in idle_pct.items() if v is not None))
     if a.json:
-        Path(a.json).write_text(json.dumps({"rows": rows, "idle_cpu_percent": idle,
-                                            "when": time.ctime(),
-                                            "cores": os.cpu_count()}, indent=1))
+        Path(a.json).write_text(json.dumps({"rows": pairs, "idle_cpu_percent": idle_pct,
+                                            "when": time.ctime(), "machine": m}, indent=1))
     if a.plot:
-        plot(rows, a.plot)
-    return 0 if all(r["verified"] for r in rows) else 1
+        plot(pairs, a.plot)
+    return 0 if pairs and all(p["verified"] for p in pairs) else 1
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/prctl.h>
+#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -66,7 +67,7 @@
 #define ATX_TOK_SLOT_SHIFT 34
 #define ATX_TOK_SLOT_MASK 0x3fffULL
 #define ATX_TOK_SEQ_SHIFT 48
-#define ATX_MAX_SLOTS 4096u           /* senders a receiver deduplicates for */
+#define ATX_MAX_SLOTS 1024u           /* senders a receiver deduplicates for */
 #define ATX_DEDUP_WIN 16384u          /* sequence numbers remembered per sender */
 /* control messages: 1-byte kind, then the payload */
 enum { MSG_USER = 0, MSG_HELLO = 1, MSG_HELLO_ACK = 2, MSG_PROBE = 3 };
@@ -235,7 +236,6 @@ struct atx_engine {
     char provider[64];
     int nnics;
     atx_nic nics[ATX_MAX_NICS];
-    uint64_t next_key;
 
     pthread_t thread;
     int thread_started;
@@ -857,20 +857,41 @@ int atx_nic_set_weight(atx_engine *e, int nic, uint64_t weight) {
 
 /* ------------------------------------------------------------- worker */
 
+/* A key for a region of NIC n that a peer cannot guess: random, within
+ * the provider's key size (a descriptor is a capability, docs/security.md). */
+static uint64_t random_key(const atx_nic *n) {
+    uint64_t k = 0;
+    size_t ks = n->info && n->info->domain_attr->mr_key_size ? n->info->domain_attr->mr_key_size
+                                                             : 8;
+    if (getrandom(&k, sizeof(k), 0) != (ssize_t)sizeof(k)) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        k = (uint64_t)ts.tv_nsec * 0x9e3779b97f4a7c15ULL ^ (uint64_t)(uintptr_t)&k;
+    }
+    if (ks < 8) k &= (1ULL << (8 * ks)) - 1;
+    return k ? k : 1;
+}
+
 static void do_mr_reg(atx_engine *e, atx_cmd *cmd) {
     atx_mr *mr = cmd->mr;
-    uint64_t access = FI_WRITE | FI_REMOTE_WRITE | FI_SEND | FI_RECV;
+    /* the least access a region needs: a source of our writes, a target of
+     * the peers' writes, and remote reads only when asked for */
+    uint64_t access = FI_WRITE | FI_REMOTE_WRITE;
     int i, rc = 0;
-    if (cmd->remote_read) access |= FI_READ | FI_REMOTE_READ;
+    if (cmd->remote_read) access |= FI_REMOTE_READ;
     mr->addr = cmd->addr;
     mr->len = cmd->len;
     mr->nnics = e->nnics;
     for (i = 0; i < e->nnics; i++) {
         atx_nic *n = &e->nics[i];
         struct fid_mr *fmr = NULL;
-        uint64_t key = e->next_key++;
-        rc = fi_mr_reg(n->domain, cmd->addr, cmd->len ? cmd->len : 1, access, 0, key, 0, &fmr,
-                       NULL);
+        uint64_t key = 0;
+        for (int tries = 0; tries < 8; tries++) {   /* -FI_ENOKEY: that key is taken */
+            key = random_key(n);
+            rc = fi_mr_reg(n->domain, cmd->addr, cmd->len ? cmd->len : 1, access, 0, key, 0,
+                           &fmr, NULL);
+            if (rc != -FI_ENOKEY) break;
+        }
         if (rc) {
             seterr(cmd->err, sizeof(cmd->err), "fi_mr_reg", rc);
             break;
@@ -1264,7 +1285,7 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
         desc = NULL;
         if (n->pub.mr_local && !op->msg_mr) {
             rc = fi_mr_reg(n->domain, op->msg, op->msglen ? op->msglen : 1, FI_SEND, 0,
-                           e->next_key++, 0, &op->msg_mr, NULL);
+                           random_key(n), 0, &op->msg_mr, NULL);
             if (rc) return rc;
         }
         if (op->msg_mr) desc = fi_mr_desc(op->msg_mr);
@@ -1545,8 +1566,10 @@ static void on_hello(atx_engine *e, atx_nic *n, const char *b, size_t len) {
     slot = slot_of(e, id);   /* -1: no room, that sender's immediates go without tokens */
     for (size_t i = 0; i < e->npeers; i++)
         if (e->peers[i].engine_id == id) peer = i;
+    /* a hello costs us a peer entry only with a slot: at most ATX_MAX_SLOTS
+     * (unauthenticated: anyone who can reach us can say hello) */
     if (peer == UINT64_MAX &&
-        insert_peer(e, nn, names, lens, id, &peer, NULL, 0) != 0)
+        (slot < 0 || insert_peer(e, nn, names, lens, id, &peer, NULL, 0) != 0))
         return;
     memcpy(ack + 1, &e->cfg.engine_id, 8);
     {
@@ -2106,7 +2129,7 @@ static int open_nic(atx_engine *e, atx_nic *n, struct fi_info *info, char *err, 
     if (!n->rx_block || !n->rx_ctx) return -FI_ENOMEM;
     if (n->pub.mr_local) {
         rc = fi_mr_reg(n->domain, n->rx_block, (size_t)n->rx_count * e->rx_size, FI_RECV, 0,
-                       e->next_key++, 0, &n->rx_mr, NULL);
+                       random_key(n), 0, &n->rx_mr, NULL);
         if (rc) { seterr(err, errlen, "fi_mr_reg (receive buffers)", rc); return rc; }
         if (n->pub.mr_endpoint) {
             rc = fi_mr_bind(n->rx_mr, &n->ep->fid, 0);
@@ -2142,7 +2165,8 @@ static void close_nic(atx_nic *n) {
 static struct fi_info *make_hints(const atx_config *cfg) {
     struct fi_info *h = fi_allocinfo();
     if (!h) return NULL;
-    h->caps = FI_RMA | FI_WRITE | FI_REMOTE_WRITE | FI_MSG | FI_SEND | FI_RECV;
+    h->caps = FI_RMA | FI_WRITE | FI_REMOTE_WRITE | FI_READ | FI_REMOTE_READ | FI_MSG | FI_SEND |
+              FI_RECV;   /* reads: regions registered with remote_read=True */
     h->mode = FI_CONTEXT | FI_CONTEXT2 | FI_RX_CQ_DATA;
     h->ep_attr->type = FI_EP_RDM;
     h->domain_attr->mr_mode =
@@ -2232,7 +2256,6 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     if (e->cfg.stripe == 0) e->cfg.stripe = ATX_STRIPE;
     if (e->cfg.nic_budget == 0) e->cfg.nic_budget = ATX_NIC_BUDGET;
     if (e->cfg.peer_timeout_ns == 0) e->cfg.peer_timeout_ns = ATX_PEER_TIMEOUT_NS;
-    e->next_key = 1;
     e->max_counters = env_u64("AIOTRANSFER_MAX_IMM_VALUES", 1, ATX_MAX_COUNTERS);
     e->coalesce_ns = env_u64("AIOTRANSFER_COALESCE_US", 1000, ATX_COALESCE_NS);
     e->spin_ns = env_u64("AIOTRANSFER_SPIN_US", 1000, ATX_SPIN_NS);
@@ -2355,9 +2378,10 @@ void atx_engine_destroy(atx_engine *e) {
 void atx_engine_stats(atx_engine *e, int nic, atx_stats *out) {
     memset(out, 0, sizeof(*out));
     if (nic < 0 || nic >= e->nnics) return;
-    pthread_mutex_lock(&e->prog_lock);
+    /* without the progress lock: a provider stuck inside a call (shm, see
+     * docs/providers.md) must not freeze a caller who only looks at
+     * counters; a torn read of a counter is harmless */
     memcpy(out, &e->nics[nic].stats, sizeof(*out));
     out->inflight_bytes = e->nics[nic].inflight_bytes;
     out->weight = e->nics[nic].weight;
-    pthread_mutex_unlock(&e->prog_lock);
 }

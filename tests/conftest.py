@@ -165,7 +165,7 @@ def basic_provider(request: pytest.FixtureRequest) -> str:
 
 def running_engines() -> list[aiotransfer.TransferEngine]:
     return [o for o in gc.get_objects()
-            if type(o) is aiotransfer.TransferEngine and not o.closed
+            if type(o) is aiotransfer.TransferEngine
             and getattr(o, "_state", None) == "running"]
 
 

@@ -191,10 +191,10 @@ int main(int argc, char **argv) {
         } else if (strcmp(cmd, "write") == 0 || strcmp(cmd, "writedata") == 0) {
             int with_data = strcmp(cmd, "writedata") == 0;
             int got = with_data
-                ? sscanf(line, "%*s %llu %lli %lli %lli %s", &idx, (long long *)&key,
-                         (long long *)&addr, (long long *)&data, a)
-                : sscanf(line, "%*s %llu %lli %lli %s", &idx, (long long *)&key,
-                         (long long *)&addr, a);
+                ? sscanf(line, "%*s %llu %llu %llu %llu %s", &idx, &key,
+                         &addr, &data, a)
+                : sscanf(line, "%*s %llu %llu %llu %s", &idx, &key,
+                         &addr, a);
             if (got != (with_data ? 5 : 4) || idx >= (unsigned)npeers ||
                 (n = unhex(a, buf, BUF_SIZE)) < 0) {
                 printf("ERR bad write\n");
@@ -209,8 +209,8 @@ int main(int argc, char **argv) {
             if (rc) printf("ERR %d %s\n", (int)-rc, fi_strerror((int)-rc));
             else wait_done();
         } else if (strcmp(cmd, "read") == 0) {
-            if (sscanf(line, "%*s %llu %lli %lli %llu", &idx, (long long *)&key,
-                       (long long *)&addr, &len) != 4 || idx >= (unsigned)npeers ||
+            if (sscanf(line, "%*s %llu %llu %llu %llu", &idx, &key,
+                       &addr, &len) != 4 || idx >= (unsigned)npeers ||
                 len > BUF_SIZE) {
                 printf("ERR bad read\n");
                 continue;

@@ -804,7 +804,7 @@ def test_fuzz_constructor(seed):
     seeded(seed, prop)()
 
 
-# ======================================== known gaps (fix, then these pass)
+# ======================================== gaps found by fuzzing, fixed since (regressions)
 # Each of these is excluded from the random pools above.  strict=True: once
 # the engine is fixed, the test passes, pytest reports XPASS as a failure,
 # and the xfail marker (and the exclusion) should be removed.
@@ -829,10 +829,6 @@ async def _no_post(p: Pair, call: Callable[[], Any], name: str, exc=(TypeError, 
     raise AssertionError(f"accepted: returned {r!r}")
 
 
-@pytest.mark.xfail(strict=True, reason="engine._dest does not check that a MemoryRegion "
-                   "given as dst is still registered: the write is posted to the closed key "
-                   "and fails at the target (TransferError; on udp/shm it stalls the "
-                   "connection until peer_timeout)")
 async def test_deregistered_memory_region_as_destination(make_engine, basic_provider):
     p = await make_pair(make_engine, basic_provider)
     gone = p.b.register(np.zeros(16, np.uint8))
@@ -840,69 +836,49 @@ async def test_deregistered_memory_region_as_destination(make_engine, basic_prov
     await _no_post(p, lambda: p.a.write(p.smr, gone, length=1), "dst")
 
 
-@pytest.mark.xfail(strict=True, reason="register() accepts numpy object arrays (buffer "
-                   "format 'O'): a peer could then overwrite PyObject pointers")
 async def test_register_object_array(make_engine, basic_provider):
     p = await make_pair(make_engine, basic_provider)
     await _no_post(p, lambda: p.a.register(np.array([None, 1], dtype=object)), "buf")
 
 
-@pytest.mark.xfail(strict=True, reason="scatter(targets=<not iterable>) raises Python's "
-                   "\"'int' object is not iterable\", which does not name targets")
 async def test_scatter_targets_not_iterable(make_engine, basic_provider):
     p = await make_pair(make_engine, basic_provider)
     await _no_post(p, lambda: p.a.scatter(p.smr, 5), "targets")
 
 
-@pytest.mark.xfail(strict=True, reason="barrier(dsts=<not iterable>) raises Python's "
-                   "\"'int' object is not iterable\", which does not name dsts")
 async def test_barrier_dsts_not_iterable(make_engine, basic_provider):
     p = await make_pair(make_engine, basic_provider)
     await _no_post(p, lambda: p.a.barrier(5, 1), "dsts")
 
 
-@pytest.mark.xfail(strict=True, reason="expect_imm(timeout=nan) passes the check "
-                   "(nan < 0 is False)")
 async def test_expect_imm_timeout_nan(make_engine, basic_provider):
     p = await make_pair(make_engine, basic_provider)
     await _no_post(p, lambda: p.b.expect_imm(1, 1, timeout=math.nan), "timeout")
 
 
-@pytest.mark.xfail(strict=True, reason="recv() does not check timeout: a str gives "
-                   "\"'<=' not supported ...\", nan or a negative number a TimeoutError")
 @pytest.mark.parametrize("timeout", ["1", math.nan, -1])
 async def test_recv_timeout_checked(make_engine, basic_provider, timeout):
     p = await make_pair(make_engine, basic_provider)
     await _no_post(p, lambda: p.b.recv(timeout=timeout), "timeout", exc=(TypeError, ValueError))
 
 
-@pytest.mark.xfail(strict=True, reason="nic_weights accepts a str (its characters are "
-                   "parsed as numbers: \"12\" -> [1.0, 2.0])")
 def test_nic_weights_str():
     with pytest.raises((TypeError, ValueError), match="nic_weights"):
         aiotransfer.TransferEngine("tcp", nic_weights="12")
 
 
-@pytest.mark.xfail(strict=True, reason="register(remote_read=<ambiguous object>) raises "
-                   "numpy's 'truth value ... is ambiguous', which does not name remote_read")
 async def test_register_remote_read_ambiguous(make_engine, basic_provider):
     p = await make_pair(make_engine, basic_provider)
     await _no_post(p, lambda: p.a.register(bytearray(8), remote_read=np.array([1, 2])),
                    "remote_read")
 
 
-@pytest.mark.xfail(strict=True, reason="_core._check_uint catches only AttributeError from "
-                   "__index__: an object whose __index__ raises TypeError (a numpy array of "
-                   "several elements, the int type, a custom class) propagates its own message")
 @pytest.mark.parametrize("value", INDEX_RAISES, ids=["ndarray", "0d-float-array", "int-type", "custom"])
 async def test_integer_argument_whose_index_raises(make_engine, basic_provider, value):
     p = await make_pair(make_engine, basic_provider)
     await _no_post(p, lambda: p.a.write(p.smr, p.d, length=value), "length")
 
 
-@pytest.mark.xfail(strict=True, reason="engine._dest does not check the fields of a "
-                   "RemoteRegion object: wrong types/ranges give OverflowError, AttributeError "
-                   "or TypeError/ValueError from the C wrappers that do not name dst")
 async def test_remote_region_object_with_bad_fields(make_engine, basic_provider):
     p = await make_pair(make_engine, basic_provider)
     wrong = []

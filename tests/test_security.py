@@ -115,10 +115,6 @@ async def test_region_without_remote_read_is_not_readable(make_engine, raw_peer,
                                                           rng, request):
     """A region registered with remote_read=True can be read remotely (the
     positive control); one registered without it cannot."""
-    if provider == "tcp":
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="tcp;ofi_rxm (libfabric 1.17) serves fi_read of a region "
-            "registered without FI_REMOTE_READ: remote_read=False does not protect there"))
     b = await make_engine(provider)
     secret = random_bytes(rng, 4096)
     shared = random_bytes(rng, 4096)
@@ -209,9 +205,6 @@ async def test_reregistered_memory_does_not_revive_an_old_descriptor(make_engine
     assert_bytes(buf, src, f"seed={seed}: the write through the new descriptor")
 
 
-@pytest.mark.xfail(strict=True, reason="region keys are sequential (csrc/atx.c do_mr_reg: "
-                   "e->next_key++ from 1) and tcp/sockets/udp use offset addressing (base 0): "
-                   "a peer that knows only the engine's address guesses every key")
 @pytest.mark.parametrize("provider", RAW_PROVIDERS)
 async def test_keys_cannot_be_guessed(make_engine, raw_peer, provider, rng):
     """A peer with the engine's address but no descriptor tries the keys

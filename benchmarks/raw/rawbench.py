@@ -1,211 +1,30 @@
-"""Driver for the raw libfabric reference benchmark (fi_rawbench.c).
+"""Sweep CLI of the raw libfabric reference benchmark (fi_rawbench.c).
 
-``run_raw()`` builds ``build/fi_rawbench`` if needed (plain ``make`` in this
-directory), starts the server and the client as two separate processes on
-this host (out-of-band TCP on 127.0.0.1 only; IP providers are pinned to the
-IPv4 loopback domain ``lo``) and returns the client's JSON result as a dict.
-
-Run as a script for a small sweep::
+The program and its driver live in the package: aiotransfer/bench/fi_rawbench.c
+and aiotransfer/bench/raw.py (``run_raw()`` compiles the program on demand
+into ~/.cache/aiotransfer, starts the server and the client as two separate
+processes on this host and returns the client's JSON result as a dict; see
+its docstring for the result keys and the throughput definitions).  This
+script re-exports ``run_raw``, ``build`` and ``RawBenchError`` and runs a
+small sweep::
 
     python3 benchmarks/raw/rawbench.py                       # all providers
     python3 benchmarks/raw/rawbench.py -p shm -p "tcp;ofi_rxm" --modes bw,lat
     python3 benchmarks/raw/rawbench.py --json results.json
-
-Result keys (see fi_rawbench.c): provider, mode, size, window, iters, warmup,
-pages, delivery_complete, gbps_recv, gbps_send, gbps_e2e, mops, mops_recv,
-mops_send, mops_e2e, lat_us_median, lat_us_p99, cpu_us_per_op_client,
-cpu_us_per_op_server, verified, error, plus diagnostics (mr_mode, flags...).
-
-Throughput definitions (1 GB/s = 1e9 B/s, n = measured writes):
-  *_recv  (n-1) writes over first..last measured arrival seen in the target's
-          CQ ("at the receiver"); "mops" is mops_recv.
-  *_send  n writes from the client's first post to its last completion
-  *_e2e   n writes from the client's first post to the target's last arrival
-          (both processes share CLOCK_MONOTONIC).
-e2e is the sturdier figure: with tcp the target's CQ can lag data placement
-and then drain in a burst, which makes *_recv over-report (seen up to ~100x
-on this machine in single runs without FI_DELIVERY_COMPLETE).
-cpu_us_per_op_server covers the same e2e interval.  N/A values are None.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import select
-import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
-HERE = Path(__file__).resolve().parent
-BUILD_DIR = HERE / "build"
-BINARY = BUILD_DIR / "fi_rawbench"
-SOURCES = (HERE / "fi_rawbench.c", HERE / "Makefile")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-PROVIDERS = ("tcp;ofi_rxm", "shm", "udp;ofi_rxd", "sockets")
-MODES = ("bw", "rate", "lat", "paged")
-
-
-class RawBenchError(RuntimeError):
-    """The benchmark failed (non-zero exit, no result, or verification failure)."""
-
-    def __init__(self, msg: str, result: Optional[dict] = None):
-        super().__init__(msg)
-        self.result = result
-
-
-def build(force: bool = False) -> Path:
-    """Compile fi_rawbench into build/ unless it is already up to date."""
-    if not force and BINARY.exists():
-        mtime = BINARY.stat().st_mtime
-        if all(src.stat().st_mtime <= mtime for src in SOURCES):
-            return BINARY
-    cmd = ["make", "-C", str(HERE), "-s"]
-    if force:
-        cmd.append("-B")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not BINARY.exists():
-        raise RawBenchError(f"building fi_rawbench failed:\n{proc.stdout}{proc.stderr}")
-    return BINARY
-
-
-def _read_port(proc: subprocess.Popen, deadline: float) -> int:
-    """Read the server's first stdout line, 'PORT <n>'."""
-    buf = b""
-    fd = proc.stdout.fileno()
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RawBenchError("server did not report its port in time")
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            continue
-        chunk = os.read(fd, 256)
-        if not chunk:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RawBenchError(f"server exited before reporting its port: {err}")
-        buf += chunk
-    line = buf.split(b"\n", 1)[0].decode()
-    if not line.startswith("PORT "):
-        raise RawBenchError(f"unexpected server output: {line!r}")
-    return int(line.split()[1])
-
-
-def run_raw(
-    provider: str,
-    mode: str,
-    size: int,
-    window: int,
-    iters: int,
-    delivery_complete: bool = True,
-    domain: Optional[str] = None,
-    pages: Optional[int] = None,
-    *,
-    warmup: Optional[int] = None,
-    inject: bool = False,
-    thread_safe: bool = False,
-    progress: str = "manual",
-    timeout: float = 60.0,
-    check: bool = True,
-    verbose: bool = False,
-) -> dict:
-    """Run one server/client pair of fi_rawbench and return the client's JSON result.
-
-    provider: libfabric provider name, e.g. "tcp;ofi_rxm", "shm", "udp;ofi_rxd", "sockets".
-    mode: "bw", "rate", "lat", "paged" (or the diagnostic "dcprobe").
-    size: bytes per write (per page in paged mode).
-    window: writes kept in flight (forced to 1 in lat mode).
-    iters: measured writes (lat: measured round trips).
-    delivery_complete: add FI_DELIVERY_COMPLETE to every write.
-    domain: libfabric domain; default "lo" for IP providers.
-    pages: number of pages for mode "paged" (default 64).
-    warmup: warm-up writes (default max(10% of iters, 16); lat: max(10%, 10)).
-    inject: use FI_INJECT when size <= the provider's inject_size.
-    thread_safe: request FI_THREAD_SAFE instead of FI_THREAD_DOMAIN.
-    progress: data progress to request: "manual" (default; every provider here
-        supports it, and the sockets provider's auto-progress thread stalls on
-        long streams), "auto", or "unspec" (provider default).
-    timeout: seconds before both processes give up (they exit with code 3).
-    check: raise RawBenchError unless both sides exit 0 and the data verified.
-
-    The returned dict also carries "client_rc", "server_rc" and, when not
-    empty, "server_stderr"/"client_stderr".
-    """
-    binary = build()
-    tmo = max(1, int(timeout))
-    server_cmd = [str(binary), "-r", "server", "-P", "0", "-T", str(tmo)]
-    client_cmd = [
-        str(binary), "-r", "client", "-p", provider, "-m", mode,
-        "-s", str(int(size)), "-w", str(int(window)), "-n", str(int(iters)),
-        "-T", str(tmo),
-    ]
-    if domain:
-        client_cmd += ["-d", domain]
-    if pages is not None:
-        client_cmd += ["-N", str(int(pages))]
-    if warmup is not None:
-        client_cmd += ["-W", str(int(warmup))]
-    if delivery_complete:
-        client_cmd.append("-D")
-    if inject:
-        client_cmd.append("-i")
-    if thread_safe:
-        client_cmd.append("-t")
-    if progress != "manual":
-        client_cmd += ["-g", progress]
-    if verbose:
-        server_cmd.append("-v")
-        client_cmd.append("-v")
-
-    deadline = time.monotonic() + tmo + 10
-    server = subprocess.Popen(server_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        port = _read_port(server, time.monotonic() + 10)
-        client_cmd[3:3] = ["-P", str(port)]
-        try:
-            client = subprocess.run(
-                client_cmd, capture_output=True, text=True,
-                timeout=max(1.0, deadline - time.monotonic()),
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise RawBenchError(f"client timed out: {' '.join(client_cmd)}") from exc
-        try:
-            s_out, s_err = server.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired as exc:
-            raise RawBenchError("server did not exit") from exc
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-
-    s_err = s_err.decode(errors="replace")
-    result: Optional[dict] = None
-    for line in reversed(client.stdout.splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            result = json.loads(line)
-            break
-    if result is None:
-        raise RawBenchError(
-            f"no result from client (rc={client.returncode}, server rc={server.returncode})\n"
-            f"client: {client.stderr.strip()}\nserver: {s_err.strip()}"
-        )
-    result["client_rc"] = client.returncode
-    result["server_rc"] = server.returncode
-    if s_err.strip():
-        result["server_stderr"] = s_err.strip()
-    if client.stderr.strip():
-        result["client_stderr"] = client.stderr.strip()
-    if check and (client.returncode or server.returncode or not result.get("verified")):
-        raise RawBenchError(
-            f"fi_rawbench failed (client rc={client.returncode}, server rc={server.returncode}): "
-            f"{result.get('error')}\nclient: {client.stderr.strip()}\nserver: {s_err.strip()}",
-            result,
-        )
-    return result
+from aiotransfer.bench.common import wait_quiet  # noqa: E402
+from aiotransfer.bench.raw import PROVIDERS, RawBenchError, build, run_raw  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -253,28 +72,6 @@ def print_table(rows: Iterable[dict], out=sys.stdout) -> None:
     print("-" * len(_HEADER), file=out)
     for r in rows:
         print(format_row(r), file=out)
-
-
-def _cpu_idle_fraction(interval: float = 0.5) -> float:
-    """Fraction of all CPUs idle over `interval` seconds (from /proc/stat)."""
-    def snap():
-        with open("/proc/stat") as fh:
-            vals = [int(x) for x in fh.readline().split()[1:]]
-        return vals[3] + vals[4], sum(vals)  # idle + iowait, total
-    i0, t0 = snap()
-    time.sleep(interval)
-    i1, t1 = snap()
-    return (i1 - i0) / max(1, t1 - t0)
-
-
-def wait_quiet(max_wait: float, min_idle: float = 0.9) -> float:
-    """Wait (up to max_wait s) until the machine is mostly idle; return the idle fraction."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        idle = _cpu_idle_fraction()
-        if idle >= min_idle or time.monotonic() >= deadline:
-            return idle
-        time.sleep(0.5)
 
 
 def best_of(runs: list) -> dict:
