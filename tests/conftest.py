@@ -310,3 +310,31 @@ async def _loop_guard():
         problems.append(f"test left {len(leaked)} TransferEngine(s) running: {leaked}")
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+# ------------------------------------------------------- a bare libfabric peer
+
+@pytest.fixture(scope="module")
+def fi_raw(tmp_path_factory):
+    """tests/fi_raw.c built: a peer that skips every check of the engine."""
+    import rawpeer
+    exe, why = rawpeer.build(tmp_path_factory.mktemp("fi_raw"))
+    if exe is None:
+        pytest.skip(why)
+    return exe
+
+
+@pytest.fixture
+def raw_peer(fi_raw, request):
+    """``raw_peer(provider)`` -> a running fi_raw peer (closed at teardown)."""
+    import rawpeer
+    made = []
+
+    def make(provider: str) -> "rawpeer.RawPeer":
+        require_provider(request.config, provider)
+        p = rawpeer.RawPeer(fi_raw, provider, nics_for(provider)[0])
+        made.append(p)
+        return p
+    yield make
+    for p in made:
+        p.close()

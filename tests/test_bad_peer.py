@@ -276,26 +276,6 @@ async def test_shm_oversized_message_hangs_receiver(children, request):
 RAW_PROVIDERS = ["tcp", "sockets"]
 
 
-@pytest.fixture(scope="module")
-def fi_raw(tmp_path_factory):
-    exe, why = rawpeer.build(tmp_path_factory.mktemp("fi_raw"))
-    if exe is None:
-        pytest.skip(why)
-    return exe
-
-
-@pytest.fixture
-def raw_peer(fi_raw, request):
-    made = []
-
-    def make(provider: str) -> rawpeer.RawPeer:
-        require_provider(request.config, provider)
-        p = rawpeer.RawPeer(fi_raw, provider, nics_for(provider)[0])
-        made.append(p)
-        return p
-    yield make
-    for p in made:
-        p.close()
 
 
 def _has_kind_header(engine: aiotransfer.TransferEngine) -> bool:

@@ -33,8 +33,7 @@ import pytest
 from aiotransfer import TransferError
 
 import rawpeer
-from conftest import require_provider
-from support import assert_bytes, nics_for, random_bytes, settle
+from support import assert_bytes, random_bytes, settle
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -42,26 +41,6 @@ RAW_PROVIDERS = ["tcp", "sockets"]
 IMM_FLAG = 1 << 32        # marks a user immediate in 8-byte CQ data (architecture.md)
 
 
-@pytest.fixture(scope="module")
-def fi_raw(tmp_path_factory):
-    exe, why = rawpeer.build(tmp_path_factory.mktemp("fi_raw"))
-    if exe is None:
-        pytest.skip(why)
-    return exe
-
-
-@pytest.fixture
-def raw_peer(fi_raw, request):
-    made = []
-
-    def make(provider: str) -> rawpeer.RawPeer:
-        require_provider(request.config, provider)
-        p = rawpeer.RawPeer(fi_raw, provider, nics_for(provider)[0])
-        made.append(p)
-        return p
-    yield make
-    for p in made:
-        p.close()
 
 
 @pytest.mark.parametrize("provider", RAW_PROVIDERS)
