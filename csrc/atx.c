@@ -122,6 +122,8 @@ typedef struct atx_peer {
                                        * sent, no answer yet; SLOT_NONE: no tokens */
     uint64_t hello_at;                /* when the hello went out */
     uint64_t skip_pass;               /* post_pending pass it held up */
+    uint64_t eagain_at[ATX_MAX_NICS]; /* NIC's poll count + 1 when the provider pushed back
+                                       * on this peer: no retry there before a poll */
     uint16_t seq;                     /* next token sequence number */
     /* lanes by our NIC: work requests in flight, last progress, state */
     uint32_t lane_inflight[ATX_MAX_NICS];
@@ -1195,7 +1197,7 @@ static int choose_nic(atx_engine *e, uint64_t len, const atx_peer *p) {
     if (e->nnics == 1) {
         atx_nic *n = &e->nics[0];
         if (!n->tx_free || n->tx_blocked) return -1;
-        return p->down[0] ? -2 : 0;
+        return p->down[0] || p->eagain_at[0] == n->stats.polls + 1 ? -2 : 0;
     }
     for (int k = 0; k < e->nnics; k++) {
         int i = (int)((e->rr_nic + (unsigned)k) % (unsigned)e->nnics);
@@ -1203,8 +1205,8 @@ static int choose_nic(atx_engine *e, uint64_t len, const atx_peer *p) {
         uint64_t load;
         if (!n->tx_free || n->tx_blocked || !n->weight) continue;
         if (n->inflight_bytes && n->inflight_bytes + len > e->cfg.nic_budget) continue;
-        if (p->down[i]) {
-            lane_down = 1;
+        if (p->down[i] || p->eagain_at[i] == n->stats.polls + 1) {
+            lane_down = 1;   /* (or pushed back since the last poll) */
             continue;
         }
         load = n->inflight_bytes + len + (uint64_t)ATX_WR_COST * (n->tx_used + 1);
@@ -1390,9 +1392,13 @@ static size_t post_pending(atx_engine *e) {
             if (rc == 1 && nic == -1) break;   /* no NIC has room: later */
             if (rc == 1 || rc == -FI_EAGAIN) {
                 if (rc == -FI_EAGAIN) {
-                    e->nics[nic].stats.eagain++;
-                    /* pushed back for several peers: the NIC itself is full */
-                    if (++eagain[nic] >= 4) e->nics[nic].tx_blocked = 1;
+                    atx_nic *n = &e->nics[nic];
+                    n->stats.eagain++;
+                    /* no retry to this peer on this NIC before the NIC is
+                     * polled (the provider wants progress first); pushed back
+                     * for several peers: the NIC itself is full */
+                    if (peer < e->npeers) e->peers[peer].eagain_at[nic] = n->stats.polls + 1;
+                    if (++eagain[nic] >= 4) n->tx_blocked = 1;
                 }
                 if (peer < e->npeers) e->peers[peer].skip_pass = e->pass;
                 prev = op;
