@@ -4,8 +4,9 @@ Both are length-checked; anything malformed raises ``ValueError``.
 
 Engine address::
 
-    b"ATXA" | u8 version=1 | u8 flags=0 | u16 nnics | u64 engine_id |
-    u8 len + provider name (utf-8) | nnics * (u16 len + raw endpoint name)
+    b"ATXA" | u8 version=1 | u8 flags | u16 nnics | u64 engine_id |
+    u8 len + provider name (utf-8) | nnics * (u16 len + raw endpoint name) |
+    [flags bit0: u32 msg_size -- the largest control message it accepts]
 
 Region descriptor::
 
@@ -45,14 +46,19 @@ class EngineAddress:
     provider: str
     engine_id: int
     names: tuple[bytes, ...]
+    #: the largest control message the engine accepts (None: not said)
+    msg_size: int | None = None
 
     def to_bytes(self) -> bytes:
         prov = self.provider.encode()
-        out = [_ADDR_HEAD.pack(_ADDR_MAGIC, _VERSION, 0, len(self.names), self.engine_id),
+        flags = 0 if self.msg_size is None else 1
+        out = [_ADDR_HEAD.pack(_ADDR_MAGIC, _VERSION, flags, len(self.names), self.engine_id),
                bytes([len(prov)]), prov]
         for n in self.names:
             out.append(struct.pack("<H", len(n)))
             out.append(n)
+        if self.msg_size is not None:
+            out.append(struct.pack("<I", self.msg_size))
         return b"".join(out)
 
     @classmethod
@@ -72,7 +78,7 @@ class EngineAddress:
             raise ValueError(f"not an aiotransfer engine address (magic {magic!r})")
         if ver != _VERSION:
             raise ValueError(f"unknown engine address version {ver} (this build reads 1)")
-        if flags:
+        if flags & ~1:
             raise ValueError(f"engine address has unknown flags {flags:#x}")
         if not 1 <= nnics <= MAX_NICS:
             raise ValueError(f"address lists {nnics} NICs (1..{MAX_NICS} allowed)")
@@ -96,7 +102,13 @@ class EngineAddress:
                 raise ValueError(f"address NIC {i}: bad name length {n}")
             names.append(b[pos:pos + n])
             pos += n
-        return cls(prov, eid, tuple(names)), pos
+        msg_size = None
+        if flags & 1:
+            if len(b) - pos < 4:
+                raise ValueError("address truncated in msg_size")
+            (msg_size,) = struct.unpack_from("<I", b, pos)
+            pos += 4
+        return cls(prov, eid, tuple(names), msg_size), pos
 
     def __str__(self) -> str:
         return f"{self.provider}/{self.engine_id:016x}"

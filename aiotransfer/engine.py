@@ -501,7 +501,8 @@ class TransferEngine:
         self._core = core
         self._c = _core.Completions(core, loop, self._msgs.deliver, _op_error)
         self._address = EngineAddress(self.provider, self._engine_id,
-                                      tuple(core.getname(i) for i in range(core.nic_count())))
+                                      tuple(core.getname(i) for i in range(core.nic_count())),
+                                      self._msg_size)
         self._address_bytes = self._address.to_bytes()
         self._nics = []
         for i in range(core.nic_count()):
@@ -913,6 +914,10 @@ class TransferEngine:
         if payload.nbytes > self._msg_size:
             raise ValueError(f"data is {payload.nbytes} bytes; messages are limited to "
                              f"msg_size={self._msg_size}")
+        if owner.msg_size is not None and payload.nbytes > owner.msg_size:
+            # the receiver could not take it (on shm it would even hang there)
+            raise ValueError(f"data is {payload.nbytes} bytes; the receiving engine accepts "
+                             f"messages of at most msg_size={owner.msg_size}")
         peer = self._peer(owner)
         rid = self._c.new_id()
         try:

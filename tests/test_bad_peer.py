@@ -213,7 +213,8 @@ async def test_message_larger_than_receivers_msg_size(make_engine, provider, rng
     the public send() from an engine whose own msg_size is larger -- never
     reaches recv() and never blocks it; the receiver keeps working."""
     if provider == "shm":
-        pytest.skip("shm hangs the receiver (see test_shm_oversized_message_hangs_receiver)")
+        pytest.skip("shm hangs the receiver on a raw oversized message (see "
+                    "test_send_refuses_messages_larger_than_the_receivers_msg_size)")
     b = await make_engine(provider, msg_size=MSG)
     a = await make_engine(provider)       # msg_size 64 KiB
     waiting = asyncio.create_task(b.recv())
@@ -221,7 +222,12 @@ async def test_message_larger_than_receivers_msg_size(make_engine, provider, rng
     futs = []
     for n in OVERSIZE[:3]:
         data = random_bytes(rng, n).tobytes()
-        futs.append(raw_send(a, b.address, data) if how == "raw" else a.send(b.address, data))
+        if how == "raw":
+            futs.append(raw_send(a, b.address, data))
+        else:
+            # the receiver's address says its msg_size: refused before posting
+            with pytest.raises(ValueError, match="msg_size"):
+                a.send(b.address, data)
     results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 60)
     assert all(r is None or isinstance(r, TransferError) for r in results), results
     await asyncio.wait_for(a.send(b.address, b"fits"), 30)
@@ -240,7 +246,13 @@ def _shm_oversize_child(conn) -> None:
     async def main():
         async with aiotransfer.TransferEngine("shm", msg_size=MSG) as b, \
                 aiotransfer.TransferEngine("shm") as a:
-            await a.send(b.address, bytes(2 * MSG))
+            try:
+                a.send(b.address, bytes(2 * MSG))
+            except ValueError as exc:   # the receiver's msg_size is in its address
+                assert "msg_size" in str(exc), exc
+            else:
+                conn.send(("sent", "an oversized message was posted"))
+                return
             await a.send(b.address, b"fits")
             got = []
             while not got or got[-1] != 4:
@@ -249,13 +261,11 @@ def _shm_oversize_child(conn) -> None:
     asyncio.run(main())
 
 
-@pytest.mark.xfail(strict=True, reason="libfabric 1.17 shm: a message larger than the posted "
-                   "receive buffer makes the receiver's progress thread retry "
-                   "process_vm_readv forever while holding the engine's progress lock; "
-                   "nothing checks the receiver's msg_size before sending")
-async def test_shm_oversized_message_hangs_receiver(children, request):
-    """In a child process (the receiver is wedged for good): the public
-    send() of 2 x msg_size bytes to an shm engine whose msg_size is smaller."""
+async def test_send_refuses_messages_larger_than_the_receivers_msg_size(children, request):
+    """libfabric 1.17 shm wedges a receiver for good when a message is larger
+    than its receive buffers (its progress retries process_vm_readv forever
+    under the engine's lock), so send() checks the receiver's msg_size, which
+    its address carries.  In a child process, in case it wedges anyway."""
     require_provider(request.config, "shm")
     proc, conn = children.start(_shm_oversize_child)
     try:

@@ -157,11 +157,16 @@ def test_address_unknown_flags():
     """The address header has a flags byte that version 1 writes as 0; like
     the descriptor's flags, unknown bits must be rejected, not ignored."""
     a = bytearray(_sample().owner.to_bytes())
-    a[5] = 0x01
+    a[5] = 0x02       # bit 0 is "msg_size follows"; others are unknown
     with pytest.raises(ValueError, match="flags"):
         EngineAddress.from_bytes(bytes(a))
+    a[5] = 0x01       # says msg_size follows, but it does not
+    with pytest.raises(ValueError, match="msg_size"):
+        EngineAddress.from_bytes(bytes(a))
+    with_size = EngineAddress("tcp;ofi_rxm", 7, (b"x" * 16,), 4096)
+    assert EngineAddress.from_bytes(with_size.to_bytes()) == with_size
     d = bytearray(_sample().to_bytes())
-    d[20 + 5] = 0x01  # the owner address inside a descriptor
+    d[20 + 5] = 0x02  # the owner address inside a descriptor
     with pytest.raises(ValueError, match="flags"):
         RemoteRegion.from_bytes(bytes(d))
 
