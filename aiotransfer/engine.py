@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import os
 import secrets
 import time
@@ -79,7 +80,7 @@ def provider_nics(provider: str | None = None, *, gpu: int | None = None) -> lis
         if dom not in names and (ipv4 or not prov.startswith(("tcp", "udp", "sockets"))):
             names.append(dom)
     real = sorted((n for n in names if n != "lo"), key=_natural)
-    first = [n for n in _topology_nics(prov, gpu) if n in real]
+    first = [n for n in _topology_nics(prov, gpu, set(names)) if n in real]
     out = first + [n for n in real if n not in first]
     return out or names
 
@@ -90,21 +91,30 @@ def _natural(name: str) -> tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
-def _topology_nics(provider: str, gpu: int | None) -> list[str]:
-    """NIC names the topology assigns to ``gpu`` that the provider offers
-    ([] when there is no such group, e.g. no GPU or no topology info)."""
+@functools.lru_cache(maxsize=1)
+def _host_topology() -> Any:
+    """This host's topology, read from /sys once per process (None if unreadable)."""
+    from . import topology
     try:
-        from . import topology
-    except ImportError:
-        return []
-    try:
-        topo = topology.detect()
-        group = topo.group_for_gpu(gpu or 0)
+        return topology.detect()
     except Exception:   # odd sysfs: fall back to the provider's default
+        return None
+
+
+def _topology_nics(provider: str, gpu: int | None, offered: set[str] | None = None
+                   ) -> list[str]:
+    """NIC names the topology assigns to ``gpu`` that the provider offers
+    (``offered``: its domain names, looked up if not given); [] when there is
+    no such group, e.g. no GPU or no topology info."""
+    topo = _host_topology()
+    try:
+        group = topo.group_for_gpu(gpu or 0) if topo is not None else None
+    except Exception:   # no such GPU
         return []
     if group is None or group.gpu is None:
         return []
-    offered = {dom for p, dom, *_ in _core.fabric_info(provider)}
+    if offered is None:
+        offered = {dom for p, dom, *_ in _core.fabric_info(provider)}
     return [d for d in group.domains(provider) if d in offered]
 
 
@@ -128,6 +138,17 @@ def _timeout(value: Any, name: str = "timeout") -> float | None:
                         f"{type(value).__name__}")
     if not 0 <= value < float("inf"):   # also rejects nan
         raise ValueError(f"{name}={value!r} must be a finite number >= 0 or None")
+    return float(value)
+
+
+def _tunable(name: str, value: Any, env: str, default: str, lo: float, hi: float,
+             what: str, bounds: str) -> float:
+    """A numeric keyword (``$env`` or ``default`` when None) in [lo, hi],
+    else ValueError naming it."""
+    if value is None:
+        value = float(os.environ.get(env, default))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise ValueError(f"{name}={value!r} must be {what} in {bounds}")
     return float(value)
 
 
@@ -373,21 +394,11 @@ class TransferEngine:
         self._gpu = None if gpu is None else _uint("gpu", gpu, 1 << 16)
         self._nic_weights = self._check_weights(nic_weights)
         self._stripe = 0 if stripe is None else _uint("stripe", stripe, 1 << 40)
-        if peer_timeout is None:
-            peer_timeout = float(os.environ.get("AIOTRANSFER_PEER_TIMEOUT", "5"))
-        if isinstance(peer_timeout, bool) or not isinstance(peer_timeout, (int, float)) \
-                or not 0.01 <= peer_timeout <= 86400:
-            raise ValueError(f"peer_timeout={peer_timeout!r} must be a number of seconds "
-                             f"in [0.01, 86400]")
-        self._peer_timeout = float(peer_timeout)
-        if failover_timeout is None:
-            failover_timeout = float(os.environ.get("AIOTRANSFER_FAILOVER_TIMEOUT", "1"))
-        if isinstance(failover_timeout, bool) or \
-                not isinstance(failover_timeout, (int, float)) or \
-                not 0.01 <= failover_timeout <= 86400:
-            raise ValueError(f"failover_timeout={failover_timeout!r} must be a number of "
-                             f"seconds in [0.01, 86400]")
-        self._failover = float(failover_timeout)
+        self._peer_timeout = _tunable("peer_timeout", peer_timeout, "AIOTRANSFER_PEER_TIMEOUT",
+                                      "5", 0.01, 86400, "a number of seconds", "[0.01, 86400]")
+        self._failover = _tunable("failover_timeout", failover_timeout,
+                                  "AIOTRANSFER_FAILOVER_TIMEOUT", "1", 0.01, 86400,
+                                  "a number of seconds", "[0.01, 86400]")
         if stripe is not None and self._stripe < 4096:
             raise ValueError(f"stripe={stripe} must be at least 4096 bytes")
         self._delivery_complete = bool(delivery_complete)
@@ -406,12 +417,8 @@ class TransferEngine:
                 PROVIDER_DEFAULTS.get(self.provider, {}).get("tx_depth", 0)
         self._tx_depth = _uint("tx_depth", tx_depth, 1 << 16)
         self._msgs = _Messages(_uint("recv_queue_limit", recv_queue_limit))
-        if busy_poll_us is None:
-            busy_poll_us = float(os.environ.get("AIOTRANSFER_BUSY_POLL_US", "20"))
-        if isinstance(busy_poll_us, bool) or not isinstance(busy_poll_us, (int, float)) \
-                or not 0 <= busy_poll_us <= 1e6:
-            raise ValueError(f"busy_poll_us={busy_poll_us!r} must be a number in [0, 1e6]")
-        self._busy_poll = busy_poll_us / 1e6
+        self._busy_poll = _tunable("busy_poll_us", busy_poll_us, "AIOTRANSFER_BUSY_POLL_US", "20",
+                                   0, 1e6, "a number", "[0, 1e6]") / 1e6
         self._core: Any = None
         self._c: Any = None           # _core.Completions while running
         self._state = "new"

@@ -94,7 +94,6 @@ typedef struct atx_ctx {
     uint64_t wr;                      /* CTX_TX: the op's WR index (ATX_WR_TAIL) */
     uint64_t data;                    /* CTX_TX: CQ data sent (with its token) */
     char *src;                        /* CTX_TX: base of the source region, or NULL */
-    int with_imm;                     /* CTX_TX: carried a user immediate */
     int abandoned;                    /* CTX_TX: its lane went down; the op moved on */
     int probe;                        /* CTX_TX: a lane probe (no op) */
     int used;                         /* CTX_TX: handed to the provider */
@@ -133,7 +132,6 @@ typedef struct atx_peer {
     uint64_t down_at[ATX_MAX_NICS];
     uint64_t probe_at[ATX_MAX_NICS];
     const void *names[ATX_MAX_NICS];  /* its raw endpoint names (re-insertion) */
-    size_t name_len[ATX_MAX_NICS];
     int nroute[ATX_MAX_NICS];
     uint8_t route[ATX_MAX_NICS][ATX_MAX_NICS];
     uint32_t rr[ATX_MAX_NICS];
@@ -162,7 +160,7 @@ typedef struct atx_op {
     struct atx_op *lprev, *lnext;     /* live list */
     uint64_t id;
     int type;
-    int nic;                          /* OP_SEND: the NIC; others: the first WR's */
+    int nic;                          /* the NIC of its first WR (statistics) */
     /* source */
     char *src;                        /* base address of the source region */
     void *src_desc[ATX_MAX_NICS];     /* the source's descriptor per NIC */
@@ -180,7 +178,7 @@ typedef struct atx_op {
     int has_imm; uint32_t imm;
     int tail_imm;                     /* 0 none, 1 waiting for data, 2 ready, 3 posted */
     /* progress */
-    uint64_t nwr, next_wr, inflight, done;
+    uint64_t nwr, next_wr, inflight;
     uint64_t bytes;
     int in_post_q;
     int reported;                     /* its record went out early (stalled peer) */
@@ -986,7 +984,6 @@ static int insert_peer(atx_engine *e, int nnames, const void *const *names, cons
         }
         memcpy(copy, names[r], lens[r]);
         p->names[r] = copy;
-        p->name_len[r] = lens[r];
     }
     lanes = L > R ? L : R;
     for (int k = 0; k < lanes; k++) {
@@ -1128,7 +1125,7 @@ static atx_ctx *ctx_get(atx_nic *n) {
         n->tx_free = c->next_free;
         n->tx_used++;
         c->used = 1;
-        c->abandoned = c->probe = c->with_imm = 0;
+        c->abandoned = c->probe = 0;
         c->src = NULL;
     }
     return c;
@@ -1347,7 +1344,6 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
     c->peer = peer;
     c->wr = wr;
     c->data = data;
-    c->with_imm = with_imm;
     c->src = op->src;
     c->bytes = len;
     n->inflight_bytes += len;
@@ -1418,7 +1414,7 @@ static size_t post_pending(atx_engine *e) {
         if (e->post_tail == op) e->post_tail = prev;
         op->in_post_q = 0;
         op_check(e, op);   /* may queue it again, at the tail */
-        if (!next && e->post_tail && e->post_tail != prev && e->post_tail == op) {
+        if (!next && e->post_tail == op) {
             /* it came back at the tail: visit it once more */
             next = op;
         }
