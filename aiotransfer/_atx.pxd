@@ -119,8 +119,11 @@ cdef extern from "atx.h" nogil:
 
     size_t atx_progress(atx_engine *e)
     void atx_app_polling(atx_engine *e, int on)
+    int atx_app_poll(atx_engine *e, uint64_t window_ns)
+    int ATX_POLL_RECORDS, ATX_POLL_AGAIN
     int atx_pending(atx_engine *e)
     size_t atx_drain(atx_engine *e, atx_record *out, size_t max)
+    void atx_notify_clear(atx_engine *e)
     void atx_engine_stats(atx_engine *e, int nic, atx_stats *out)
     const char *atx_strerror(int err)
 

@@ -1,7 +1,11 @@
 # The futures layer (included by _core.pyx): op ids -> asyncio futures.
 #
 # One reader on the worker's eventfd; each wake-up drains every record and
-# resolves futures in a batch.  The hot path (write, write_imm) checks its
+# resolves futures in a batch.  While operations or waiters are pending, the
+# event loop itself polls the NICs (a tick rescheduled with call_soon, for
+# `poll_window` after the last activity): the worker stands back and no
+# wake-up crosses threads, which on a busy host is most of an operation's
+# cost.  After the window the worker and its eventfd take over again.  The hot path (write, write_imm) checks its
 # arguments, posts and creates the future here, in C, without per-op Python
 # frames.  Buffers: an operation holds its source CoreMR (and counts in its
 # `inflight`) until the completion RECORD arrives, never until the future is
@@ -86,13 +90,19 @@ cdef class Completions:
     cdef uint64_t next_id
     cdef int fd
     cdef bint closed
+    cdef bint polling               # a poll tick is scheduled: the loop drives the NICs
+    cdef readonly uint64_t poll_window   # ns the loop keeps polling after activity; 0: never
+    cdef object call_soon, tick
 
-    def __init__(self, CoreEngine core, loop, on_message, make_error):
+    def __init__(self, CoreEngine core, loop, on_message, make_error, uint64_t poll_window=0):
         self.core = core
         self.loop = loop
         self.ops = {}
         self.waiters = {}
         self.create_future = loop.create_future
+        self.call_soon = loop.call_soon
+        self.tick = self._tick
+        self.poll_window = poll_window
         self.on_message = on_message
         self.make_error = make_error
         self.next_id = 1
@@ -120,6 +130,8 @@ cdef class Completions:
         self.ops[rid] = op
         if src is not None:
             src.inflight += 1
+        if not self.polling:
+            self._start_polling()
         return fut
 
     def track(self, uint64_t rid, CoreMR src, str name, uint64_t nbytes, str peer):
@@ -180,6 +192,8 @@ cdef class Completions:
         w.imm = imm
         w.count = count
         self.waiters[wid] = w
+        if not self.polling:
+            self._start_polling()
         return wid, w.fut
 
     def abandon(self, uint64_t wid):
@@ -196,32 +210,51 @@ cdef class Completions:
         if not w.fut.done():
             w.fut.cancel()
 
-    def poll(self):
-        """Progress inline and resolve what is ready; True if anything was."""
-        cdef atx_engine *e = self.core.e
-        if e == NULL or self.closed:
-            return False
-        if atx_progress(e) == 0 and not atx_pending(e):
-            return False
-        self.dispatch(False)
-        return True
+    # ------------------------------------------------------- loop polling
 
-    def polling(self, bint on):
-        """Tell the worker the loop thread busy-polls (it stands back)."""
+    cdef void _start_polling(self):
+        if self.poll_window == 0 or self.closed or self.core.e == NULL:
+            return
+        self.polling = True
+        atx_app_polling(self.core.e, 1)
+        self.call_soon(self.tick)
+
+    def _tick(self):
+        """One poll from the event loop; again soon while work is pending
+        and the last activity is within poll_window, else hand back to the
+        worker (and drain what it published before it knew)."""
+        cdef atx_engine *e = self.core.e
+        cdef int r
+        if e == NULL or self.closed:
+            self.polling = False
+            return
+        r = atx_app_poll(e, self.poll_window)
+        if r & ATX_POLL_RECORDS:
+            self._dispatch_safe(False)
+        if (r & ATX_POLL_AGAIN) and (self.ops or self.waiters) and not self.closed:
+            self.call_soon(self.tick)
+            return
+        self.polling = False
         if self.core.e != NULL and not self.closed:
-            atx_app_polling(self.core.e, on)
+            atx_app_polling(e, 0)
+            self._dispatch_safe(False)
 
     # -------------------------------------------------------------- dispatch
 
     def _on_readable(self):
+        if self.core.e != NULL:
+            atx_notify_clear(self.core.e)
+        self._dispatch_safe(True)
+
+    cdef void _dispatch_safe(self, bint progress):
         try:
-            self.dispatch(False)
-        except BaseException as exc:  # never into the loop's reader machinery
+            self.dispatch(False, progress)
+        except BaseException as exc:  # never into the loop's machinery
             self.loop.call_exception_handler({
                 "message": "aiotransfer: error while dispatching completions",
                 "exception": exc})
 
-    cpdef dispatch(self, bint closing):
+    cpdef dispatch(self, bint closing, bint progress=True):
         cdef size_t n, i
         cdef atx_record *r
         cdef PendingOp op
@@ -230,7 +263,7 @@ cdef class Completions:
         cdef atx_engine *e = self.core.e
         if e == NULL:
             return
-        if not closing:
+        if progress and not closing:
             atx_progress(e)   # collect what is ready now: more records per wake-up
         while True:
             n = atx_drain(e, self.core.recs, DRAIN_BATCH)

@@ -16,7 +16,6 @@ import collections
 import functools
 import os
 import secrets
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence, Union
@@ -374,11 +373,14 @@ class TransferEngine:
     ``tx_depth`` -- work requests in flight per NIC (default: the provider's
     queue size, or ``$AIOTRANSFER_TX_DEPTH``).
     ``recv_queue_limit`` -- control messages kept while nobody is in recv().
-    ``busy_poll_us`` -- how long ``expect_imm`` polls the NIC from the event
-    loop's thread before sleeping, only while no other callback is ready
-    (default 20, ``$AIOTRANSFER_BUSY_POLL_US``; 0 disables).  Activity
-    extends it, up to max(1 ms, 10 x busy_poll_us) in all.  It trades a
-    little CPU for a wake-up latency of a few microseconds.
+    ``busy_poll_us`` -- while operations or ``expect_imm`` waiters are
+    pending, the event loop's own thread polls the NICs (a callback it runs
+    between the others), for this many microseconds after the last
+    completion or arrival; the progress thread stands back meanwhile, so a
+    completion reaches its future without a thread switch.  After that the
+    thread takes over and wakes the loop (default 200,
+    ``$AIOTRANSFER_BUSY_POLL_US``; 0: never poll from the loop).  The loop
+    uses a core while it polls.
     """
 
     def __init__(self, provider: str | None = None, *, nics: Sequence[str] | int | None = None,
@@ -417,7 +419,7 @@ class TransferEngine:
                 PROVIDER_DEFAULTS.get(self.provider, {}).get("tx_depth", 0)
         self._tx_depth = _uint("tx_depth", tx_depth, 1 << 16)
         self._msgs = _Messages(_uint("recv_queue_limit", recv_queue_limit))
-        self._busy_poll = _tunable("busy_poll_us", busy_poll_us, "AIOTRANSFER_BUSY_POLL_US", "20",
+        self._busy_poll = _tunable("busy_poll_us", busy_poll_us, "AIOTRANSFER_BUSY_POLL_US", "200",
                                    0, 1e6, "a number", "[0, 1e6]") / 1e6
         self._core: Any = None
         self._c: Any = None           # _core.Completions while running
@@ -506,7 +508,8 @@ class TransferEngine:
             raise TransferError(f"cannot open provider {self.provider!r}", op="start",
                                 provider_text=str(exc), code=exc.code) from None
         self._core = core
-        self._c = _core.Completions(core, loop, self._msgs.deliver, _op_error)
+        self._c = _core.Completions(core, loop, self._msgs.deliver, _op_error,
+                                    int(self._busy_poll * 1e9))
         self._address = EngineAddress(self.provider, self._engine_id,
                                       tuple(core.getname(i) for i in range(core.nic_count())),
                                       self._msg_size)
@@ -858,8 +861,6 @@ class TransferEngine:
         if got is None:
             return
         wid, fut = got
-        if self._busy_poll and self._idle_loop(c.loop):
-            self._spin(c, fut)
         try:
             if fut.done():
                 fut.result()
@@ -873,31 +874,6 @@ class TransferEngine:
             else:
                 c.abandon(wid)
             raise
-
-    @staticmethod
-    def _idle_loop(loop: Any) -> bool:
-        ready = getattr(loop, "_ready", None)   # asyncio's run queue (not uvloop)
-        return ready is not None and not ready
-
-    def _spin(self, c: Any, fut: asyncio.Future) -> None:
-        """Poll from this thread for up to busy_poll_us while fut is pending."""
-        now = time.perf_counter
-        t = now()
-        end = t + self._busy_poll                      # extended by activity...
-        hard = t + max(1e-3, 10 * self._busy_poll)     # ...up to this
-        poll = c.poll
-        c.polling(True)
-        try:
-            while not fut.done():
-                if poll():
-                    t = now()
-                    end = t + self._busy_poll
-                else:
-                    t = now()
-                if t > end or t > hard:
-                    break
-        finally:
-            c.polling(False)
 
     def imm_counter(self, imm: int) -> ImmCounter:
         self._core_or_closed()

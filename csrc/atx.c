@@ -48,6 +48,7 @@
 #define ATX_SLEEP_DEEP_NS 5000000ULL  /* ...up to 5 ms between polls */
 #define ATX_BLOCK_MS 100              /* safety timer of a blocked worker */
 #define ATX_APP_QUIET_NS 20000ULL     /* app progressed this recently: let it drive */
+#define ATX_APP_STALE_NS 1000000ULL   /* an app that polls, silent this long: its loop is busy */
 #define ATX_DRAIN_NS 2000000000ULL    /* close: wait this long for posted requests */
 #define ATX_COALESCE_NS 25000ULL      /* hold a wake-up back at most this long */
 #define ATX_COALESCE_MAX 64           /* ...or until this many records wait */
@@ -254,7 +255,8 @@ struct atx_engine {
      * `submitted`; a poster bumps `submitted` and then reads `sleeping` */
     int sleeping;
     uint64_t submitted;
-    int app_polling;                   /* the app thread busy-polls: stand back */
+    int app_polling;                   /* the app thread polls: stand back, no wake-ups */
+    uint64_t app_work_ts;              /* the app's polling last found work */
     int wake_fd;
 
     /* worker-private */
@@ -361,7 +363,9 @@ static void rec_publish(atx_engine *e, const atx_record *r, size_t n, int urgent
     }
     memcpy(e->recs + e->rec_n, r, n * sizeof(*r));
     e->rec_n += n;
-    if (!e->notified) {
+    /* the app polls: its poller drains the records (it re-checks after it
+     * stops polling, under rec_lock), so no wake-up */
+    if (!e->notified && !__atomic_load_n(&e->app_polling, __ATOMIC_SEQ_CST)) {
         if (urgent || !e->coalesce_ns || e->rec_n - e->rec_head >= ATX_COALESCE_MAX) {
             e->notified = 1;
             e->deferred = 0;
@@ -387,6 +391,7 @@ static void batch_flush(atx_engine *e) {
 static void rec_notify_due(atx_engine *e, int force) {
     int wake = 0;
     if (!__atomic_load_n(&e->deferred, __ATOMIC_RELAXED)) return;
+    if (__atomic_load_n(&e->app_polling, __ATOMIC_SEQ_CST)) return;   /* its poller drains */
     pthread_mutex_lock(&e->rec_lock);
     if (!e->notified && e->deferred && (force || now_ns() - e->deferred >= e->coalesce_ns)) {
         e->notified = 1;
@@ -405,11 +410,14 @@ int atx_pending(atx_engine *e) {
     return n;
 }
 
-size_t atx_drain(atx_engine *e, atx_record *out, size_t max) {
+void atx_notify_clear(atx_engine *e) {
     uint64_t v;
-    size_t n;
     ssize_t r = read(e->notify_fd, &v, sizeof(v));
     (void)r;
+}
+
+size_t atx_drain(atx_engine *e, atx_record *out, size_t max) {
+    size_t n;
     pthread_mutex_lock(&e->rec_lock);
     n = e->rec_n - e->rec_head;
     if (n > max) n = max;
@@ -580,7 +588,9 @@ static void wake_worker(atx_engine *e) { fd_signal(e->wake_fd); }
 /* Something was posted or the app stopped polling: the worker must look. */
 static void kick_worker(atx_engine *e) {
     __atomic_add_fetch(&e->submitted, 1, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&e->sleeping, __ATOMIC_SEQ_CST)) wake_worker(e);
+    if (__atomic_load_n(&e->sleeping, __ATOMIC_SEQ_CST) &&
+        !__atomic_load_n(&e->app_polling, __ATOMIC_SEQ_CST))
+        wake_worker(e);
 }
 
 static void accept_op(atx_engine *e, atx_op *op);
@@ -617,7 +627,8 @@ static int submit(atx_engine *e, atx_op *op) {
         pthread_mutex_unlock(&e->prog_lock);
         return -FI_EINVAL;
     }
-    op->t_start = now_ns();
+    e->now = now_ns();
+    op->t_start = e->now;
     accept_op(e, op);
     if (post_pending(e) == 0 && e->post_head) {
         /* back-pressure or full queue: progress once, then try again */
@@ -625,7 +636,7 @@ static int submit(atx_engine *e, atx_op *op) {
         post_pending(e);
     }
     batch_flush(e);
-    e->app_ts = now_ns();
+    __atomic_store_n(&e->app_ts, e->now, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&e->prog_lock);
     kick_worker(e);
     return 0;
@@ -1348,7 +1359,7 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
     c->bytes = len;
     n->inflight_bytes += len;
     n->stats.wrs_posted++;
-    if (!p->lane_inflight[nic]) p->lane_since[nic] = now_ns();
+    if (!p->lane_inflight[nic]) p->lane_since[nic] = e->now;
     p->lane_inflight[nic]++;
     if (!is_retry && op->next_wr == 0 && wr != ATX_WR_TAIL) {
         op->nic = nic;
@@ -1648,7 +1659,6 @@ static size_t poll_cq(atx_engine *e, atx_nic *n, int rounds) {
     struct fi_cq_data_entry ents[ATX_CQ_BATCH];
     size_t total = 0;
     n->tx_blocked = 0;   /* this poll progressed the provider: posting may go on */
-    e->now = now_ns();
     for (int round = 0; round < rounds; round++) {
         ssize_t got = fi_cq_read(n->cq, ents, ATX_CQ_BATCH);
         n->stats.polls++;
@@ -1848,6 +1858,7 @@ static void scan_lanes(atx_engine *e, uint64_t t) {
  * records.  Called with prog_lock held. */
 static size_t progress_once(atx_engine *e, int rounds) {
     size_t work = 0;
+    e->now = now_ns();   /* the clock of this round (lane_since, last_ok) */
     work += post_pending(e);
     for (int i = 0; i < e->nnics; i++) work += poll_cq(e, &e->nics[i], rounds);
     work += post_pending(e);
@@ -1856,8 +1867,29 @@ static size_t progress_once(atx_engine *e, int rounds) {
 }
 
 void atx_app_polling(atx_engine *e, int on) {
+    if (on) __atomic_store_n(&e->app_work_ts, now_ns(), __ATOMIC_RELAXED);
     __atomic_store_n(&e->app_polling, on, __ATOMIC_SEQ_CST);
     if (!on) kick_worker(e);   /* the app stops polling: the worker takes over now */
+}
+
+int atx_app_poll(atx_engine *e, uint64_t window_ns) {
+    uint64_t t = 0;
+    int r = 0;
+    if (pthread_mutex_trylock(&e->prog_lock) == 0) {
+        if (!e->dead) {
+            if (progress_once(e, 4)) e->app_work_ts = e->now;
+            t = e->now;
+        }
+        pthread_mutex_unlock(&e->prog_lock);
+    }
+    if (!t) t = now_ns();
+    __atomic_store_n(&e->app_ts, t, __ATOMIC_RELAXED);
+    if (atx_pending(e)) {
+        r |= ATX_POLL_RECORDS;
+        e->app_work_ts = t;
+    }
+    if (t - e->app_work_ts < window_ns) r |= ATX_POLL_AGAIN;
+    return r;
 }
 
 size_t atx_progress(atx_engine *e) {
@@ -1978,6 +2010,7 @@ static void *worker_main(void *arg) {
 
     /* short sleeps must be short: the default timer slack is 50 us */
     prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+    pthread_setname_np(pthread_self(), "atx-worker");   /* for top -H, perf, gdb */
     if (e->cfg.cpu >= 0) {
         cpu_set_t set;
         CPU_ZERO(&set);
@@ -1989,10 +2022,16 @@ static void *worker_main(void *arg) {
         size_t work;
         uint64_t t, app_ts;
         int busy;
+        int app_drives;
         if (__atomic_load_n(&e->stop, __ATOMIC_ACQUIRE)) break;
-        if (__atomic_load_n(&e->app_polling, __ATOMIC_SEQ_CST)) {
-            /* woken when the application stops polling */
-            worker_sleep(e, ATX_SLEEP_MAX_NS, 0);
+        t = now_ns();
+        /* the application's loop polls the NICs (and drains the records):
+         * stand back, but for the stall scans; if its polls stop for
+         * ATX_APP_STALE_NS (its loop runs something long), progress for it */
+        app_drives = __atomic_load_n(&e->app_polling, __ATOMIC_SEQ_CST) &&
+                     t - __atomic_load_n(&e->app_ts, __ATOMIC_RELAXED) < ATX_APP_STALE_NS;
+        if (app_drives && t - e->last_scan < ATX_STALL_SCAN_NS) {
+            worker_sleep(e, ATX_APP_STALE_NS, 0);   /* woken when it stops polling */
             continue;
         }
         if (pthread_mutex_trylock(&e->prog_lock) != 0) {
@@ -2000,7 +2039,7 @@ static void *worker_main(void *arg) {
             worker_sleep(e, ATX_SLEEP_MIN_NS, 0);
             continue;
         }
-        work = progress_once(e, 64);
+        work = app_drives ? 0 : progress_once(e, 64);
         t = now_ns();
         if (t - e->last_scan > ATX_STALL_SCAN_NS && (e->live || e->npeers)) {
             scan_lanes(e, t);
@@ -2014,6 +2053,7 @@ static void *worker_main(void *arg) {
         for (int i = 0; i < e->nnics; i++) busy |= e->nics[i].tx_used > 0;
         pthread_mutex_unlock(&e->prog_lock);
 
+        if (app_drives) continue;
         if (work) {
             last_activity = t;
             sleep_ns = ATX_SLEEP_MIN_NS;

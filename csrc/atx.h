@@ -165,13 +165,24 @@ void atx_imm_value(atx_engine *e, uint32_t imm, uint64_t *available, uint64_t *t
 /* --- completions --- */
 /* Progress from the calling thread if nobody else is (non-blocking). */
 size_t atx_progress(atx_engine *e);
-/* The application thread starts/stops busy-polling (atx_progress in a loop):
- * the worker stands back meanwhile and is woken when it stops. */
+/* The application thread starts/stops polling (atx_app_poll from its event
+ * loop): meanwhile the worker stands back (it still scans for stalls, and
+ * progresses if the app's polls stop for a millisecond), and records are
+ * published without waking the loop: the app drains them.  Stopping wakes
+ * the worker; the app then drains once more. */
 void atx_app_polling(atx_engine *e, int on);
+/* One poll of the application's loop: progress (unless the worker holds the
+ * lock), then ATX_POLL_RECORDS if records wait to be drained, and
+ * ATX_POLL_AGAIN if this or a poll within window_ns found work. */
+#define ATX_POLL_RECORDS 1
+#define ATX_POLL_AGAIN 2
+int atx_app_poll(atx_engine *e, uint64_t window_ns);
 /* Are records waiting to be drained? */
 int atx_pending(atx_engine *e);
-/* Move up to max records into out; returns the count.  Clears the eventfd. */
+/* Move up to max records into out; returns the count. */
 size_t atx_drain(atx_engine *e, atx_record *out, size_t max);
+/* Read the loop's eventfd (it was readable): one wake-up consumed. */
+void atx_notify_clear(atx_engine *e);
 
 /* statistics */
 typedef struct atx_stats {
