@@ -120,6 +120,8 @@ cdef extern from "atx.h" nogil:
     size_t atx_progress(atx_engine *e)
     void atx_app_polling(atx_engine *e, int on)
     int atx_app_poll(atx_engine *e, uint64_t window_ns)
+    int atx_app_spin(atx_engine *e, uint64_t window_ns, uint64_t max_ns)
+    uint64_t atx_now_ns()
     int ATX_POLL_RECORDS, ATX_POLL_AGAIN
     int atx_pending(atx_engine *e)
     size_t atx_drain(atx_engine *e, atx_record *out, size_t max)

@@ -1,11 +1,13 @@
 # The futures layer (included by _core.pyx): op ids -> asyncio futures.
 #
 # One reader on the worker's eventfd; each wake-up drains every record and
-# resolves futures in a batch.  While operations or waiters are pending, the
-# event loop itself polls the NICs (a tick rescheduled with call_soon, for
-# `poll_window` after the last activity): the worker stands back and no
-# wake-up crosses threads, which on a busy host is most of an operation's
-# cost.  After the window the worker and its eventfd take over again.  The hot path (write, write_imm) checks its
+# resolves futures in a batch.  Once operations are posted, the event loop
+# itself polls the NICs (a tick rescheduled with call_soon, for `poll_window`
+# after the last activity): the worker stands back and no wake-up crosses
+# threads, which on a busy host is most of an operation's cost.  After the
+# window the worker and its eventfd take over again.  A receiver that only
+# waits for immediates leaves the NICs to the worker (expect_imm polls
+# briefly in `spin`, for answers that come within microseconds).  The hot path (write, write_imm) checks its
 # arguments, posts and creates the future here, in C, without per-op Python
 # frames.  Buffers: an operation holds its source CoreMR (and counts in its
 # `inflight`) until the completion RECORD arrives, never until the future is
@@ -15,6 +17,7 @@ from cpython.dict cimport PyDict_GetItem, PyDict_SetItem, PyDict_DelItem
 from cpython.ref cimport PyObject
 
 cdef uint64_t IMM_LIMIT = 1ULL << 32
+cdef uint64_t SPIN_MAX_NS = 50000   # a tick blocks an idle loop at most this long
 
 
 cdef class Dest:
@@ -93,6 +96,9 @@ cdef class Completions:
     cdef bint polling               # a poll tick is scheduled: the loop drives the NICs
     cdef readonly uint64_t poll_window   # ns the loop keeps polling after activity; 0: never
     cdef object call_soon, tick
+    cdef object ready               # the loop's run queue (asyncio's deque; None: unknown)
+    cdef uint64_t spin_max          # ns a tick may poll in C when the loop has nothing ready
+    cdef readonly uint64_t ticks, poll_starts   # loop polls, and times polling began
 
     def __init__(self, CoreEngine core, loop, on_message, make_error, uint64_t poll_window=0):
         self.core = core
@@ -103,6 +109,10 @@ cdef class Completions:
         self.call_soon = loop.call_soon
         self.tick = self._tick
         self.poll_window = poll_window
+        self.spin_max = min(poll_window, SPIN_MAX_NS)
+        self.ready = getattr(loop, "_ready", None)
+        if self.ready is not None and not hasattr(self.ready, "__len__"):
+            self.ready = None
         self.on_message = on_message
         self.make_error = make_error
         self.next_id = 1
@@ -192,8 +202,6 @@ cdef class Completions:
         w.imm = imm
         w.count = count
         self.waiters[wid] = w
-        if not self.polling:
-            self._start_polling()
         return wid, w.fut
 
     def abandon(self, uint64_t wid):
@@ -216,6 +224,7 @@ cdef class Completions:
         if self.poll_window == 0 or self.closed or self.core.e == NULL:
             return
         self.polling = True
+        self.poll_starts += 1
         atx_app_polling(self.core.e, 1)
         self.call_soon(self.tick)
 
@@ -229,15 +238,55 @@ cdef class Completions:
             self.polling = False
             return
         r = atx_app_poll(e, self.poll_window)
+        self.ticks += 1
+        if not (r & ATX_POLL_RECORDS) and (r & ATX_POLL_AGAIN) and self.ready is not None \
+                and not self.ready:
+            # nothing else is ready in the loop: poll in C for a while (an
+            # iteration of the loop costs microseconds; so does a wake-up)
+            with nogil:
+                r = atx_app_spin(e, self.poll_window, self.spin_max)
         if r & ATX_POLL_RECORDS:
             self._dispatch_safe(False)
-        if (r & ATX_POLL_AGAIN) and (self.ops or self.waiters) and not self.closed:
+        if (r & ATX_POLL_AGAIN) and not self.closed:
+            # (also with nothing pending: the next operation usually follows)
             self.call_soon(self.tick)
             return
         self.polling = False
         if self.core.e != NULL and not self.closed:
             atx_app_polling(e, 0)
             self._dispatch_safe(False)
+
+    cdef bint _loop_idle(self):
+        """Nothing in the loop's run queue but (perhaps) our own tick."""
+        cdef object ready = self.ready
+        if ready is None:
+            return False
+        if not ready:
+            return True
+        return len(ready) == 1 and getattr(ready[0], "_callback", None) is self.tick
+
+    def spin(self, fut):
+        """An awaiter is about to wait for fut and the loop has nothing else
+        ready: poll in C (without the GIL) for up to spin_max until fut is
+        done, so that a quick answer costs no trip through the loop."""
+        cdef atx_engine *e = self.core.e
+        cdef uint64_t end, t
+        cdef int r
+        if e == NULL or self.closed or not self.poll_window or not self._loop_idle():
+            return
+        end = atx_now_ns() + self.spin_max
+        while not fut.done():
+            t = atx_now_ns()
+            if t >= end:
+                break
+            with nogil:
+                r = atx_app_spin(e, self.poll_window, end - t)
+            if r & ATX_POLL_RECORDS:
+                self.dispatch(False, False)
+            elif not (r & ATX_POLL_AGAIN):
+                break
+            if self.closed or self.core.e == NULL:
+                break
 
     # -------------------------------------------------------------- dispatch
 

@@ -861,6 +861,7 @@ class TransferEngine:
         if got is None:
             return
         wid, fut = got
+        c.spin(fut)   # an answer within microseconds resolves it here
         try:
             if fut.done():
                 fut.result()

@@ -177,6 +177,11 @@ void atx_app_polling(atx_engine *e, int on);
 #define ATX_POLL_RECORDS 1
 #define ATX_POLL_AGAIN 2
 int atx_app_poll(atx_engine *e, uint64_t window_ns);
+/* atx_app_poll again and again, for at most max_ns, until records wait or
+ * the window has passed (the caller's loop has nothing else to run). */
+int atx_app_spin(atx_engine *e, uint64_t window_ns, uint64_t max_ns);
+/* CLOCK_MONOTONIC in nanoseconds. */
+uint64_t atx_now_ns(void);
 /* Are records waiting to be drained? */
 int atx_pending(atx_engine *e);
 /* Move up to max records into out; returns the count. */
