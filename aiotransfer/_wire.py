@@ -19,7 +19,7 @@ the virtual address under FI_MR_VIRT_ADDR, else 0 (offset addressing).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 __all__ = ["EngineAddress", "RemoteRegion", "MAX_NICS"]
 
@@ -39,9 +39,27 @@ def _as_bytes(data: object, what: str) -> bytes:
     raise TypeError(f"{what} must be bytes, not {type(data).__name__}")
 
 
+def _cached_hash(obj: object) -> int:
+    """Hash of a frozen dataclass's fields, computed once (descriptors and
+    addresses are dictionary keys on every write's path)."""
+    h = obj.__dict__.get("_hash")
+    if h is None:
+        h = hash(tuple(getattr(obj, f.name) for f in fields(obj)))
+        object.__setattr__(obj, "_hash", h)
+    return h
+
+
+def _state_without_hash(obj: object) -> dict:
+    """Pickled state: the fields only (str/bytes hashes differ per process)."""
+    return {k: v for k, v in obj.__dict__.items() if k != "_hash"}
+
+
 @dataclass(frozen=True)
 class EngineAddress:
     """Everything a peer needs to reach an engine: provider and one name per NIC."""
+
+    __hash__ = _cached_hash
+    __getstate__ = _state_without_hash
 
     provider: str
     engine_id: int
@@ -117,6 +135,9 @@ class EngineAddress:
 @dataclass(frozen=True)
 class RemoteRegion:
     """A peer's registered region: what a writer needs (a capability, see docs)."""
+
+    __hash__ = _cached_hash
+    __getstate__ = _state_without_hash
 
     owner: EngineAddress
     nbytes: int
