@@ -44,8 +44,11 @@ class ProgressBar:
 
     def _draw(self, now: float) -> None:
         frac = self.n / self.total
-        dt = max(now - self.t0, 1e-9)
-        rate = self._fmt(self.n / dt) + "/s"
+        dt = now - self.t0
+        # a rate over less than 50 ms says nothing (a first update can come
+        # microseconds after the start with much already done)
+        final = self.n >= self.total
+        rate = self._fmt(self.n / max(dt, 1e-9)) + "/s" if dt >= 0.05 or final else "-"
         if self._tty:
             full = int(frac * self.width)
             bar = "#" * full + "-" * (self.width - full)
