@@ -302,31 +302,14 @@ struct atx_engine {
 
 const char *atx_strerror(int err) { return fi_strerror(err < 0 ? -err : err); }
 
-/* Opening and closing libfabric endpoints excludes every other libfabric
- * call of the process: libfabric 1.17's tcp provider crashed inside
- * fi_close of an endpoint when another engine of the same process opened or
- * closed one at the same time, and (rarely, seen in the lifecycle tests)
- * when another engine polled its CQ meanwhile.  The domains are
- * FI_THREAD_DOMAIN, which covers one domain, not provider-wide state.  So:
- * a process-wide rwlock, read-held with every engine's progress lock,
- * write-held around endpoint open/close (rare), writers first. */
-static pthread_rwlock_t g_fabric_lock;
-static pthread_once_t g_fabric_once = PTHREAD_ONCE_INIT;
-
-static void fabric_lock_init(void) {
-    pthread_rwlockattr_t a;
-    pthread_rwlockattr_init(&a);
-    pthread_rwlockattr_setkind_np(&a, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
-    pthread_rwlock_init(&g_fabric_lock, &a);
-    pthread_rwlockattr_destroy(&a);
-}
-
-static void lifecycle_lock(void) {
-    pthread_once(&g_fabric_once, fabric_lock_init);
-    pthread_rwlock_wrlock(&g_fabric_lock);
-}
-
-static void lifecycle_unlock(void) { pthread_rwlock_unlock(&g_fabric_lock); }
+/* Opening and closing libfabric objects is serialized across the engines of
+ * a process: libfabric 1.17's tcp provider crashed (inside fi_close of an
+ * endpoint) when two engines of one process closed or opened endpoints at
+ * the same time (seen here; the domains are FI_THREAD_DOMAIN, which covers
+ * one domain, not provider-wide state).  A rarer crash in the same fi_close
+ * also happens with this lock held (one engine closed while another of the
+ * same process streams into it): see docs/architecture.md. */
+static pthread_mutex_t g_lifecycle_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* Pollers keep polling for a while after the last completion (or arrival):
  * at least their base window, and 4 typical gaps between completions, so
@@ -343,23 +326,6 @@ static inline uint64_t gap_window(uint64_t base, uint64_t ewma) {
     uint64_t w = 4 * ewma;
     if (w > ATX_GAP_WIN_MAX_NS) w = ATX_GAP_WIN_MAX_NS;
     return w > base ? w : base;
-}
-
-/* The progress lock of an engine, with the process-wide read side. */
-static void prog_lock(atx_engine *e) {
-    pthread_mutex_lock(&e->prog_lock);
-    pthread_rwlock_rdlock(&g_fabric_lock);
-}
-
-static int prog_trylock(atx_engine *e) {
-    if (pthread_mutex_trylock(&e->prog_lock) != 0) return -1;
-    pthread_rwlock_rdlock(&g_fabric_lock);
-    return 0;
-}
-
-static void prog_unlock(atx_engine *e) {
-    pthread_rwlock_unlock(&g_fabric_lock);
-    pthread_mutex_unlock(&e->prog_lock);
 }
 
 static uint64_t now_ns(void) {
@@ -674,13 +640,13 @@ static int op_targets_valid(const atx_engine *e, const atx_op *op) {
 static int submit(atx_engine *e, atx_op *op) {
     /* Post inline from the caller's thread: the worker holds the lock only
      * for short rounds of progress, and never needs the caller's GIL. */
-    prog_lock(e);
+    pthread_mutex_lock(&e->prog_lock);
     if (e->dead) {
-        prog_unlock(e);
+        pthread_mutex_unlock(&e->prog_lock);
         return -FI_ESHUTDOWN;
     }
     if (!op_targets_valid(e, op)) {
-        prog_unlock(e);
+        pthread_mutex_unlock(&e->prog_lock);
         return -FI_EINVAL;
     }
     e->now = now_ns();
@@ -693,7 +659,7 @@ static int submit(atx_engine *e, atx_op *op) {
     }
     batch_flush(e);
     __atomic_store_n(&e->app_ts, e->now, __ATOMIC_RELAXED);
-    prog_unlock(e);
+    pthread_mutex_unlock(&e->prog_lock);
     kick_worker(e);
     return 0;
 }
@@ -841,9 +807,9 @@ static void do_dest_add(atx_engine *e, atx_cmd *cmd);
 static int run_cmd(atx_engine *e, int type, atx_cmd *cmd) {
     cmd->rc = 0;
     cmd->err[0] = 0;
-    prog_lock(e);
+    pthread_mutex_lock(&e->prog_lock);
     if (e->dead && type != CMD_MR_DEREG) {
-        prog_unlock(e);
+        pthread_mutex_unlock(&e->prog_lock);
         snprintf(cmd->err, sizeof(cmd->err), "engine is stopped");
         return -FI_ESHUTDOWN;
     }
@@ -854,7 +820,7 @@ static int run_cmd(atx_engine *e, int type, atx_cmd *cmd) {
     case CMD_DEST_ADD: do_dest_add(e, cmd); break;
     default: cmd->rc = -FI_EINVAL; break;
     }
-    prog_unlock(e);
+    pthread_mutex_unlock(&e->prog_lock);
     kick_worker(e);   /* a command may have queued an engine message */
     return cmd->rc;
 }
@@ -915,9 +881,9 @@ int atx_dest_add(atx_engine *e, uint64_t peer, int n, const uint64_t *bases,
 
 int atx_nic_set_weight(atx_engine *e, int nic, uint64_t weight) {
     if (nic < 0 || nic >= e->nnics) return -FI_EINVAL;
-    prog_lock(e);
+    pthread_mutex_lock(&e->prog_lock);
     e->nics[nic].weight = weight;
-    prog_unlock(e);
+    pthread_mutex_unlock(&e->prog_lock);
     kick_worker(e);
     return 0;
 }
@@ -1934,12 +1900,12 @@ int atx_app_poll(atx_engine *e, uint64_t window_ns) {
     /* stopping: leave the lock to the worker's shutdown (a mutex is not
      * fair: a thread polling in a loop could starve it) */
     if (__atomic_load_n(&e->stop, __ATOMIC_ACQUIRE)) return atx_pending(e) ? ATX_POLL_RECORDS : 0;
-    if (prog_trylock(e) == 0) {
+    if (pthread_mutex_trylock(&e->prog_lock) == 0) {
         if (!e->dead) {
             if (progress_once(e, 4)) gap_note(&e->app_work_ts, &e->app_gap, e->now);
             t = e->now;
         }
-        prog_unlock(e);
+        pthread_mutex_unlock(&e->prog_lock);
     }
     if (!t) t = now_ns();
     __atomic_store_n(&e->app_ts, t, __ATOMIC_RELAXED);
@@ -1960,18 +1926,19 @@ int atx_app_spin(atx_engine *e, uint64_t window_ns, uint64_t max_ns) {
         r = atx_app_poll(e, window_ns);
         if ((r & ATX_POLL_RECORDS) || !(r & ATX_POLL_AGAIN)) break;
         __builtin_ia32_pause();
-    } while (e->now < end && !__atomic_load_n(&e->stop, __ATOMIC_ACQUIRE));
+    } while (__atomic_load_n(&e->app_ts, __ATOMIC_RELAXED) < end &&
+             !__atomic_load_n(&e->stop, __ATOMIC_ACQUIRE));
     return r;
 }
 
 size_t atx_progress(atx_engine *e) {
     size_t work = 0;
-    if (prog_trylock(e) != 0) return 0;
+    if (pthread_mutex_trylock(&e->prog_lock) != 0) return 0;
     if (!e->dead) {
         work = progress_once(e, 4);
-        e->app_ts = now_ns();
+        __atomic_store_n(&e->app_ts, e->now, __ATOMIC_RELAXED);
     }
-    prog_unlock(e);
+    pthread_mutex_unlock(&e->prog_lock);
     return work;
 }
 
@@ -1995,12 +1962,12 @@ static void worker_sleep(atx_engine *e, uint64_t timeout_ns, int use_cq_fds) {
         int rc = FI_SUCCESS;
         /* arm, then check again: never block on a CQ with entries (each
          * NIC has a fabric of its own) */
-        prog_lock(e);
+        pthread_mutex_lock(&e->prog_lock);
         for (int i = 0; i < e->nnics && rc == FI_SUCCESS; i++) {
             struct fid *f = &e->nics[i].cq->fid;
             rc = fi_trywait(e->nics[i].fabric, &f, 1);
         }
-        prog_unlock(e);
+        pthread_mutex_unlock(&e->prog_lock);
         if (rc != FI_SUCCESS) goto out;
         for (int i = 0; i < e->nnics; i++) {
             pfd[nfd].fd = e->nics[i].cq_fd;
@@ -2029,7 +1996,7 @@ out:
 static void shutdown_worker(atx_engine *e) {
     atx_op *op;
     uint64_t deadline = now_ns() + ATX_DRAIN_NS;
-    prog_lock(e);
+    pthread_mutex_lock(&e->prog_lock);
     e->dead = 1;
     for (op = e->post_head; op; op = op->next) {
         op->in_post_q = 0;
@@ -2045,16 +2012,14 @@ static void shutdown_worker(atx_engine *e) {
         if (!busy || now_ns() > deadline) break;
         sched_yield();
     }
-    pthread_rwlock_unlock(&g_fabric_lock);   /* keep the engine's lock, not the read side */
-    lifecycle_lock();
+    pthread_mutex_lock(&g_lifecycle_lock);
     for (int i = 0; i < e->nnics; i++) {
         if (e->nics[i].ep) {
             fi_close(&e->nics[i].ep->fid);
             e->nics[i].ep = NULL;
         }
     }
-    lifecycle_unlock();
-    pthread_rwlock_rdlock(&g_fabric_lock);
+    pthread_mutex_unlock(&g_lifecycle_lock);
     while ((op = e->live)) {
         op_fail(op, -FI_ECANCELED, 0, "engine closed");
         op->inflight = 0;
@@ -2062,7 +2027,7 @@ static void shutdown_worker(atx_engine *e) {
         op_complete(e, op);
     }
     batch_flush(e);
-    prog_unlock(e);
+    pthread_mutex_unlock(&e->prog_lock);
 }
 
 /* The progress worker.  Policy (2-core machines in mind):
@@ -2109,7 +2074,7 @@ static void *worker_main(void *arg) {
             worker_sleep(e, ATX_APP_STALE_NS, 0);   /* woken when it stops polling */
             continue;
         }
-        if (prog_trylock(e) != 0) {
+        if (pthread_mutex_trylock(&e->prog_lock) != 0) {
             /* the application is progressing inline right now */
             worker_sleep(e, ATX_SLEEP_MIN_NS, 0);
             continue;
@@ -2126,7 +2091,7 @@ static void *worker_main(void *arg) {
         app_ts = e->app_ts;
         busy = e->post_head != NULL;
         for (int i = 0; i < e->nnics; i++) busy |= e->nics[i].tx_used > 0;
-        prog_unlock(e);
+        pthread_mutex_unlock(&e->prog_lock);
 
         if (app_drives) continue;
         if (work) {
@@ -2378,16 +2343,15 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     e->spin_ns = env_u64("AIOTRANSFER_SPIN_US", 1000, ATX_SPIN_NS);
     e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    pthread_once(&g_fabric_once, fabric_lock_init);
     pthread_mutex_init(&e->prog_lock, NULL);
     pthread_mutex_init(&e->rec_lock, NULL);
     pthread_mutex_init(&e->imm_lock, NULL);
     pthread_mutex_init(&e->join_lock, NULL);
 
     for (int d = 0; d < ndom; d++) {
-        lifecycle_lock();
+        pthread_mutex_lock(&g_lifecycle_lock);
         rc = open_nic(e, &e->nics[d], pick[d], err, errlen);
-        lifecycle_unlock();
+        pthread_mutex_unlock(&g_lifecycle_lock);
         e->nnics = d + 1;   /* destroy closes what was opened */
         if (rc) {
             fi_freeinfo(list);
@@ -2462,9 +2426,9 @@ void atx_engine_stop(atx_engine *e) {
 void atx_engine_destroy(atx_engine *e) {
     if (!e) return;
     atx_engine_stop(e);
-    lifecycle_lock();
+    pthread_mutex_lock(&g_lifecycle_lock);
     for (int i = 0; i < ATX_MAX_NICS; i++) close_nic(&e->nics[i]);
-    lifecycle_unlock();
+    pthread_mutex_unlock(&g_lifecycle_lock);
     for (size_t i = 0; i < e->rec_n; i++) free(e->recs[i].data);
     free(e->recs);
     free(e->batch);
