@@ -1878,14 +1878,18 @@ static void scan_lanes(atx_engine *e, uint64_t t) {
 
 /* One round of progress: post queued work, poll every CQ, publish the
  * records.  Called with prog_lock held. */
-static size_t progress_once(atx_engine *e, int rounds) {
+static size_t progress_once_at(atx_engine *e, int rounds, uint64_t t) {
     size_t work = 0;
-    e->now = now_ns();   /* the clock of this round (lane_since, last_ok) */
+    e->now = t;   /* the clock of this round (lane_since, last_ok) */
     work += post_pending(e);
     for (int i = 0; i < e->nnics; i++) work += poll_cq(e, &e->nics[i], rounds);
     work += post_pending(e);
     batch_flush(e);
     return work;
+}
+
+static size_t progress_once(atx_engine *e, int rounds) {
+    return progress_once_at(e, rounds, now_ns());
 }
 
 void atx_app_polling(atx_engine *e, int on) {
@@ -1895,19 +1899,22 @@ void atx_app_polling(atx_engine *e, int on) {
 }
 
 int atx_app_poll(atx_engine *e, uint64_t window_ns) {
-    uint64_t t = 0;
+    uint64_t t = now_ns();
     int r = 0;
     /* stopping: leave the lock to the worker's shutdown (a mutex is not
      * fair: a thread polling in a loop could starve it) */
     if (__atomic_load_n(&e->stop, __ATOMIC_ACQUIRE)) return atx_pending(e) ? ATX_POLL_RECORDS : 0;
+    /* fresh before the poll as well as after: one poll of a stream on tcp
+     * moves megabytes through a socket and takes a millisecond, and the
+     * worker must not take that for a loop that stopped polling */
+    __atomic_store_n(&e->app_ts, t, __ATOMIC_RELAXED);
     if (pthread_mutex_trylock(&e->prog_lock) == 0) {
-        if (!e->dead) {
-            if (progress_once(e, 4)) gap_note(&e->app_work_ts, &e->app_gap, e->now);
-            t = e->now;
+        if (!e->dead && progress_once_at(e, 4, t)) {
+            t = now_ns();
+            gap_note(&e->app_work_ts, &e->app_gap, t);
         }
         pthread_mutex_unlock(&e->prog_lock);
     }
-    if (!t) t = now_ns();
     __atomic_store_n(&e->app_ts, t, __ATOMIC_RELAXED);
     if (atx_pending(e)) {
         r |= ATX_POLL_RECORDS;
@@ -2075,8 +2082,11 @@ static void *worker_main(void *arg) {
             continue;
         }
         if (pthread_mutex_trylock(&e->prog_lock) != 0) {
-            /* the application is progressing inline right now */
-            worker_sleep(e, ATX_SLEEP_MIN_NS, 0);
+            /* the application is progressing inline right now; if its loop
+             * polls, it drives (a poll can take a millisecond): sleep until
+             * it stops polling, else look again soon */
+            worker_sleep(e, __atomic_load_n(&e->app_polling, __ATOMIC_SEQ_CST)
+                                ? ATX_APP_STALE_NS : ATX_SLEEP_MIN_NS, 0);
             continue;
         }
         work = app_drives ? 0 : progress_once(e, 64);

@@ -61,6 +61,21 @@ def test_backend_smoke(spec):
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.parametrize("mode,slots", [("bw", 5), ("rate", 3), ("bw", None)])
+def test_raw_reference_writes_the_harness_slots(mode, slots):
+    """The C reference spreads its writes over the same slots as the
+    aiotransfer side (write i -> slot (i % window) % slots); its target checks
+    every written slot against the pattern and every other one for zeros."""
+    from aiotransfer.bench.raw import run_raw
+
+    reason = Backend.parse("raw:tcp").unavailable()
+    if reason:
+        pytest.skip(f"raw C reference unavailable: {reason}")
+    r = run_raw("shm", mode, 4096, 8, 37, pages=slots, warmup=3, timeout=60)
+    assert r["verified"], r
+
+
+@pytest.mark.timeout(90)
 def test_cli_tiny_sweep(tmp_path, capsys):
     backends = ["aiotransfer:shm"] + (["raw:shm"] if not Backend.parse("raw:shm").unavailable()
                                       else [])

@@ -110,7 +110,7 @@ struct cfg {
 	uint64_t window;
 	uint64_t iters;
 	uint64_t warmup;
-	uint64_t pages;
+	uint64_t pages;		/* paged: pages in the region; bw/rate: slots (default 1) */
 	char prov[64];
 	char domain[64];
 };
@@ -254,6 +254,23 @@ static inline uint64_t pager_next(struct pager *p)
 		p->pos = 0;
 	}
 	return p->perm[p->pos++];
+}
+
+/* Bytes of each side's region: paged and streaming modes write `pages`
+ * slots of `size` bytes (the harness's layout: every write in flight has a
+ * slot of its own), latency and the probe one. */
+static uint64_t region_len(const struct cfg *c)
+{
+	int slotted = c->mode == MODE_PAGED || c->mode == MODE_BW || c->mode == MODE_RATE;
+	return slotted ? c->size * (c->pages ? c->pages : 1) : c->size;
+}
+
+/* Streaming modes: write `seq` goes to slot (seq % window) % slots, the
+ * aiotransfer side's Point.slot(). */
+static inline uint64_t stream_slot(const struct cfg *c, uint64_t seq)
+{
+	uint64_t slots = c->pages ? c->pages : 1;
+	return (seq % (c->window ? c->window : 1)) % slots;
 }
 
 /* ------------------------------------------------------------------ */
@@ -748,7 +765,7 @@ static int fab_setup(struct fab *f, const struct cfg *c, int is_server, char *er
 	FICHK(fi_enable(f->ep));
 
 	/* buffers: dst = remotely written region, src = local source of writes */
-	size_t region = c->mode == MODE_PAGED ? c->size * c->pages : c->size;
+	size_t region = region_len(c);
 	int client = !is_server;
 	int lat = c->mode == MODE_LAT;
 	f->dst_len = (client && !lat) ? 64 : region;
@@ -1111,27 +1128,40 @@ static int run_server(int port)
 		if (!ref)
 			die(EXIT_USAGE, "out of memory");
 		fill_pattern(ref, region, SALT_CLIENT);
-		if (c.mode == MODE_PAGED) {
-			/* replay the page order to know which pages were written */
-			struct pager pg;
-			uint8_t *touched = calloc(c.pages, 1);
-			pager_init(&pg, c.pages);
-			/* the page sequence is a chain of permutations, so the first
-			 * `pages` writes touch every page */
-			if (expected >= c.pages)
-				memset(touched, 1, c.pages);
-			else
-				for (uint64_t k = 0; k < expected; k++)
-					touched[pager_next(&pg)] = 1;
-			for (uint64_t p = 0; p < c.pages && ok; p++) {
+		if (c.mode == MODE_PAGED || c.mode == MODE_BW || c.mode == MODE_RATE) {
+			/* replay the page (slot) order to know which were written */
+			uint64_t n = c.pages ? c.pages : 1;
+			uint8_t *touched = calloc(n, 1);
+			if (!touched)
+				die(EXIT_USAGE, "out of memory");
+			if (c.mode == MODE_PAGED) {
+				struct pager pg;
+				pager_init(&pg, n);
+				/* the page sequence is a chain of permutations, so the
+				 * first `pages` writes touch every page */
+				if (expected >= n)
+					memset(touched, 1, n);
+				else
+					for (uint64_t k = 0; k < expected; k++)
+						touched[pager_next(&pg)] = 1;
+				free(pg.perm);
+			} else {
+				/* write i went to slot (i % window) % slots: the
+				 * first min(writes, window, slots) slots, stated
+				 * here apart from stream_slot() so a client that
+				 * strays from the rule fails */
+				uint64_t m = expected < c.window ? expected : c.window;
+				memset(touched, 1, m < n ? m : n);
+			}
+			for (uint64_t p = 0; p < n && ok; p++) {
 				uint8_t *a = f->dst + p * c.size, *b = ref + p * c.size;
 				if (touched[p] ? memcmp(a, b, c.size) != 0 : a[0] != 0) {
 					ok = 0;
-					snprintf(e, el, "data mismatch in page %" PRIu64, p);
+					snprintf(e, el, "data mismatch in %s %" PRIu64,
+						 c.mode == MODE_PAGED ? "page" : "slot", p);
 				}
 			}
 			free(touched);
-			free(pg.perm);
 		} else if (memcmp(f->dst, ref, c.size) != 0) {
 			size_t o = 0;
 			while (o < c.size && f->dst[o] == ref[o])
@@ -1177,7 +1207,7 @@ static void stream(struct fab *f, const struct cfg *c, struct pager *pg, uint64_
 	size_t len = c->size;
 	while (f->tx_done - done0 < count) {
 		while (posted < count && f->n_free) {
-			uint64_t off = pg ? pager_next(pg) * c->size : 0;
+			uint64_t off = (pg ? pager_next(pg) : stream_slot(c, seq0 + posted)) * c->size;
 			ssize_t r = post_write(f, off, off, len, (uint32_t)(seq0 + posted));
 			if (r == -FI_EAGAIN) {
 				if (pg)
@@ -1255,7 +1285,7 @@ static int run_client(struct cfg *c, int port)
 	fill_hello(f, &h);
 	oob_send(fd, MSG_HELLO, &h, sizeof(h));
 	use_peer(f, &peer);
-	uint64_t region = c->mode == MODE_PAGED ? c->size * c->pages : c->size;
+	uint64_t region = region_len(c);
 	if (peer.mr_len < region)
 		die(EXIT_OOB, "server region too small (%" PRIu64 " < %" PRIu64 ")", peer.mr_len, region);
 	oob_recv_body(fd, MSG_READY, NULL, 0);
@@ -1462,7 +1492,9 @@ static void usage(void)
 		"  -m  bw|rate|lat|paged|dcprobe          -s  bytes per write (default 65536; lat 8)\n"
 		"  -w  writes in flight (default 16)      -n  measured writes / round trips\n"
 		"  -W  warm-up writes (default max(10%%, 16); lat 10)\n"
-		"  -N  pages (paged mode, default 64)     -D  FI_DELIVERY_COMPLETE\n"
+		"  -N  paged: pages (required); bw, rate: slots, write i goes to\n"
+		"      slot (i %% window) %% slots (default 1)\n"
+		"  -D  FI_DELIVERY_COMPLETE\n"
 		"  -i  FI_INJECT when size <= inject_size -t  FI_THREAD_SAFE (default FI_THREAD_DOMAIN)\n"
 		"  -g  data progress to request (default manual; unspec = provider default)\n"
 		"  -T  timeout in seconds (default 60)    -v  verbose (stderr)\n");

@@ -163,7 +163,9 @@ def run_raw(
     iters: measured writes (lat: measured round trips).
     delivery_complete: add FI_DELIVERY_COMPLETE to every write.
     domain: libfabric domain; default "lo" for IP providers.
-    pages: number of pages for mode "paged" (default 64).
+    pages: mode "paged": pages in the region (required); "bw"/"rate": slots,
+        write i goes to slot (i % window) % pages, as on the aiotransfer side
+        (default 1: every write to offset 0, which stays in the caches).
     warmup: warm-up writes (default max(10% of iters, 16); lat: max(10%, 10)).
     inject: use FI_INJECT when size <= the provider's inject_size.
     thread_safe: request FI_THREAD_SAFE instead of FI_THREAD_DOMAIN.
@@ -251,11 +253,13 @@ def run_raw(
 
 
 def run_point(provider: str, style: str, point: Point, timeout: float) -> dict:
-    """One harness point: ``style`` "write" runs the point's mode, "paged" the
-    C program's paged mode (``point.pages`` pages in the region, default the
-    harness's slot count)."""
+    """One harness point: ``style`` "write" runs the point's mode over the
+    point's slots (``Point.slot``), "paged" the C program's paged mode
+    (``point.pages`` pages in the region, default the harness's slot count)."""
     mode = "paged" if style == "paged" and point.mode != "lat" else point.mode
-    pages = (point.pages or point.slots) if mode == "paged" else None
+    # the same memory as the aiotransfer side: a slot per write in flight
+    pages = None if mode == "lat" else (point.pages or point.slots) if mode == "paged" \
+        else point.slots
     r = run_raw(provider, mode, point.size, point.window, point.iters, pages=pages,
                 warmup=point.nwarm, timeout=timeout)
     keys = ("gbps_e2e", "mops_e2e", "gbps_send", "cpu_us_per_op_client",
