@@ -8,11 +8,12 @@ from ._wire import EngineAddress, RemoteRegion
 from .engine import (ImmCounter, MemoryRegion, NicInfo, PROVIDER_ALIASES, ScatterTarget,
                      TransferEngine, resolve_provider)
 from .errors import EngineClosedError, PeerError, TransferError
+from .memory import alloc
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TransferEngine", "MemoryRegion", "RemoteRegion", "EngineAddress", "ImmCounter",
     "ScatterTarget", "NicInfo", "TransferError", "EngineClosedError", "PeerError",
-    "PROVIDER_ALIASES", "resolve_provider", "__version__",
+    "PROVIDER_ALIASES", "resolve_provider", "alloc", "__version__",
 ]

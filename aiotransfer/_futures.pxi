@@ -99,6 +99,12 @@ cdef class Completions:
     cdef object ready               # the loop's run queue (asyncio's deque; None: unknown)
     cdef uint64_t spin_max          # ns a tick may poll in C when the loop has nothing ready
     cdef readonly uint64_t ticks, poll_starts   # loop polls, and times polling began
+    # the engine's resolution of a write's arguments: its MemoryRegion class,
+    # its cache of destinations (shared dict), and its slow paths, which
+    # resolve what the cache misses and raise the errors that name the argument
+    cdef object mr_type
+    cdef dict dests
+    cdef object slow_src, slow_dest
 
     def __init__(self, CoreEngine core, loop, on_message, make_error, uint64_t poll_window=0):
         self.core = core
@@ -147,14 +153,43 @@ cdef class Completions:
     def track(self, uint64_t rid, CoreMR src, str name, uint64_t nbytes, str peer):
         return self._track(rid, src, name, nbytes, peer)
 
+    def bind(self, mr_type, dict dests, slow_src, slow_dest):
+        """The engine's argument resolution (see the fields)."""
+        self.mr_type = mr_type
+        self.dests = dests
+        self.slow_src = slow_src
+        self.slow_dest = slow_dest
+
+    cdef inline CoreMR _src(self, object src_mr):
+        """A MemoryRegion of this engine -> its CoreMR, without a Python frame."""
+        cdef object o
+        if type(src_mr) is self.mr_type:
+            o = getattr(src_mr, "_core")
+            if type(o) is CoreMR and (<CoreMR>o).engine is self.core:
+                return <CoreMR>o
+        return <CoreMR?>self.slow_src(src_mr)
+
+    cdef inline Dest _dest(self, object dst):
+        """A cached destination (descriptor bytes or RemoteRegion) -> Dest."""
+        cdef PyObject *o = NULL
+        if self.dests is not None:
+            o = PyDict_GetItem(self.dests, dst)   # NULL if absent or unhashable
+        if o != NULL:
+            return <Dest>o
+        return <Dest?>self.slow_dest(dst)
+
     # --------------------------------------------------------------- hot path
 
-    def write(self, CoreMR src, Dest d, length, src_offset, dst_offset, imm):
-        """Check, post and track one write; returns its future."""
+    def write(self, src_mr, dst, length, src_offset, dst_offset, imm):
+        """Resolve, check, post and track one write; returns its future."""
         cdef uint64_t so, do, n, iv = 0
         cdef bint has_imm = imm is not None
         cdef int rc
+        cdef CoreMR src
+        cdef Dest d
         self._live()
+        src = self._src(src_mr)
+        d = self._dest(dst)
         if src is None or not src.registered:
             raise ValueError("src_mr is deregistered")
         so = _arg_u64("src_offset", src_offset, 0) if src_offset is not 0 else 0
@@ -175,10 +210,13 @@ cdef class Completions:
             raise CoreError(rc, f"write: {atx_strerror(rc).decode()} ({rc})")
         return self._track(rid, src, "write", n, d.peer_name)
 
-    def write_imm(self, Dest d, imm):
-        cdef uint64_t iv = _arg_u64("imm", imm, IMM_LIMIT)
+    def write_imm(self, dst, imm):
+        cdef Dest d
+        cdef uint64_t iv
         cdef int rc
         self._live()
+        d = self._dest(dst)
+        iv = _arg_u64("imm", imm, IMM_LIMIT)
         rid = self.next_id
         self.next_id = rid + 1
         rc = atx_post_write(self.core.e, rid, NULL, 0, d.id, 0, 0, True, <uint32_t>iv)

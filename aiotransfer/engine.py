@@ -510,6 +510,7 @@ class TransferEngine:
         self._core = core
         self._c = _core.Completions(core, loop, self._msgs.deliver, _op_error,
                                     int(self._busy_poll * 1e9))
+        self._c.bind(MemoryRegion, self._dests, self._src, self._dest)
         self._address = EngineAddress(self.provider, self._engine_id,
                                       tuple(core.getname(i) for i in range(core.nic_count())),
                                       self._msg_size)
@@ -745,22 +746,21 @@ class TransferEngine:
         """Write ``length`` bytes (default: the rest of src_mr) from src_mr at
         src_offset into dst at dst_offset; deliver ``imm`` (if given) once,
         after every byte is in place.  Returns an awaitable."""
-        self._core_or_closed()
-        src = self._src(src_mr)
-        d = self._dest(dst)
-        try:
-            return self._c.write(src, d, length, src_offset, dst_offset, imm)
+        if self._state != "running":
+            self._core_or_closed()
+        try:   # the hot path: _core resolves src_mr and dst (cached) in C
+            return self._c.write(src_mr, dst, length, src_offset, dst_offset, imm)
         except _core.CoreError as exc:
-            raise self._posted(exc, "write", 0, d.peer_name) from None
+            raise self._posted(exc, "write", 0, self._dest(dst).peer_name) from None
 
     def write_imm(self, dst: Destination, imm: int) -> asyncio.Future:
         """Deliver only an immediate to dst's owner (a zero-byte write)."""
-        self._core_or_closed()
-        d = self._dest(dst)
+        if self._state != "running":
+            self._core_or_closed()
         try:
-            return self._c.write_imm(d, imm)
+            return self._c.write_imm(dst, imm)
         except _core.CoreError as exc:
-            raise self._posted(exc, "write_imm", 0, d.peer_name) from None
+            raise self._posted(exc, "write_imm", 0, self._dest(dst).peer_name) from None
 
     def write_paged(self, src_mr: MemoryRegion, src_pages: Any, dst: Destination,
                     dst_pages: Any, *, page_size: int, src_stride: int | None = None,

@@ -8,6 +8,10 @@ the target counts the immediates):
   consumed through each future's done-callback.
 - ``await``: ``window`` coroutines, each ``await engine.write(...)`` in turn:
   one awaitable per write, awaited by the code that issued it.
+- ``pipeline``: one coroutine keeps ``window`` writes in flight in a deque;
+  when it is full it awaits the oldest write's awaitable, then issues the
+  next: every write's awaitable is awaited, in issue order (a completed one
+  costs no trip through the loop; completions themselves come in any order).
 - ``paged``: ``engine.write_paged`` calls of ``pages`` pages (default half a
   window), pages taken from a chain of random permutations of the slots,
   each page to the same index on the target; one immediate per page.
@@ -18,18 +22,20 @@ the peer's immediate, the writes' own completions are collected at the end.
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 
 import numpy as np
 
 import aiotransfer
 
-from .common import SEED_PONG, Point, cpu_seconds, now, pattern, verify_region
+from .common import (SEED_PONG, Point, cpu_seconds, now, pattern, pattern_region,
+                     verify_region, zeros)
 
 IMM_DATA = 1
 IMM_PING = 2
 IMM_PONG = 3
-STYLES = ("write", "await", "paged")
+STYLES = ("write", "await", "pipeline", "paged")
 
 
 def unavailable(transport: str) -> str | None:
@@ -113,7 +119,7 @@ def server_main(conn, cfg: dict) -> dict:
 async def _server(conn, cfg: dict) -> dict:
     point = Point(**cfg["point"])
     async with _engine(cfg) as eng:
-        dst = np.zeros(point.region, dtype=np.uint8)
+        dst = zeros(point.region)
         mr = eng.register(dst)
         back = eng.register(pattern(64, SEED_PONG))
         conn.send(mr.descriptor)
@@ -154,7 +160,7 @@ async def _client(conn, cfg: dict) -> dict:
     point = Point(**cfg["point"])
     style = cfg.get("style", "write")
     async with _engine(cfg) as eng:
-        src = pattern(point.region)
+        src = pattern_region(point.region)
         mr = eng.register(src)
         pong_buf = np.zeros(64, dtype=np.uint8)
         pong = eng.register(pong_buf)
@@ -174,7 +180,8 @@ async def _client(conn, cfg: dict) -> dict:
             out["rtt"] = rtts
             out["verified"] = bool(np.array_equal(pong_buf[:8], pattern(8, SEED_PONG)))
         else:
-            run = {"write": _run_writes, "await": _run_awaits, "paged": _run_paged}[style]
+            run = {"write": _run_writes, "await": _run_awaits, "pipeline": _run_pipeline,
+                   "paged": _run_paged}[style]
             await run(eng, mr, dst, point, out)
         out["stats"] = eng.stats()[0]
         conn.recv()          # the server is done
@@ -221,6 +228,27 @@ async def _run_awaits(eng, mr, dst, point: Point, out: dict) -> None:
 
     async def phase(lo: int, hi: int) -> None:
         await asyncio.gather(*(worker(j, lo, hi) for j in range(lo, lo + point.window)))
+
+    n0 = point.nwarm
+    await phase(0, n0)
+    with _measure_into(out):
+        await phase(n0, n0 + point.iters)
+
+
+async def _run_pipeline(eng, mr, dst, point: Point, out: dict) -> None:
+    size, window = point.size, point.window
+    offs = [point.slot(i) * size for i in range(window)]   # slot(i) repeats every window
+    write = eng.write
+
+    async def phase(lo: int, hi: int) -> None:
+        q: collections.deque = collections.deque()
+        for i in range(lo, hi):
+            if len(q) >= window:
+                await q.popleft()
+            off = offs[i % window]
+            q.append(write(mr, dst, length=size, src_offset=off, dst_offset=off, imm=IMM_DATA))
+        while q:
+            await q.popleft()
 
     n0 = point.nwarm
     await phase(0, n0)

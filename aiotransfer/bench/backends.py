@@ -5,6 +5,7 @@
 | ``aiotransfer:shm``, ``aiotransfer:tcp`` | single writes (``engine.write``, one future each) |
 | ``aiotransfer:<t>:paged`` | ``write_paged`` calls |
 | ``aiotransfer:<t>:await`` | one awaitable per write, awaited where it is issued |
+| ``aiotransfer:<t>:pipeline`` | one awaitable per write, the oldest awaited when the window is full |
 | ``raw:shm``, ``raw:tcp`` (``:paged``) | the C libfabric reference (fi_rawbench.c) |
 | ``mooncake:tcp`` | Mooncake Transfer Engine, tcp transport, P2P handshake metadata |
 | ``nixl:tcp``, ``nixl:shm`` (``:pthread``) | NIXL, UCX backend over tcp / shared memory |
@@ -21,7 +22,7 @@ from functools import cached_property
 from .common import Point, Unavailable, measure_idle, run_pair, summarize
 
 KINDS = {
-    "aiotransfer": {"module": "aio", "styles": ("write", "await", "paged"),
+    "aiotransfer": {"module": "aio", "styles": ("write", "await", "pipeline", "paged"),
                     "transports": ("shm", "tcp", "udp", "sockets")},
     "raw": {"module": "raw", "styles": ("write", "paged"),
             "transports": ("shm", "tcp", "udp", "sockets")},

@@ -139,6 +139,20 @@ def pattern(nbytes: int, seed: int = SEED_DATA) -> np.ndarray:
     return x.view(np.uint8)[:nbytes].copy()
 
 
+def zeros(nbytes: int) -> np.ndarray:
+    """A region's memory, for every backend alike: aiotransfer.alloc (2 MiB
+    aligned, transparent huge pages from 2 MiB up), as the C reference's."""
+    from ..memory import alloc
+    return alloc(nbytes)
+
+
+def pattern_region(nbytes: int, seed: int = SEED_DATA) -> np.ndarray:
+    """:func:`pattern` in memory from :func:`zeros`."""
+    buf = zeros(nbytes)
+    buf[:] = pattern(nbytes, seed)
+    return buf
+
+
 def verify_region(dst: np.ndarray, point: Point) -> bool:
     """The receiver's check after a bandwidth/rate point: every slot holds the
     bytes the client wrote there."""

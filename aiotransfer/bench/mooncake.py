@@ -25,7 +25,8 @@ import sys
 
 import numpy as np
 
-from .common import SEED_PONG, Point, cpu_seconds, now, pattern, verify_region
+from .common import (SEED_PONG, Point, cpu_seconds, now, pattern, pattern_region,
+                     verify_region, zeros)
 
 HOST = "127.0.0.1"
 ENV = {"MC_LOG_LEVEL": "WARNING", "MC_TCP_BIND_ADDRESS": HOST}
@@ -83,7 +84,7 @@ def server_main(conn, cfg: dict) -> dict:
 
     point = Point(**cfg["point"])
     eng = _open()
-    dst = np.zeros(point.region, dtype=np.uint8)
+    dst = zeros(point.region)
     back = pattern(64, SEED_PONG)
     _register(eng, dst)
     _register(eng, back)
@@ -115,7 +116,7 @@ def client_main(conn, cfg: dict) -> dict:
 
     point = Point(**cfg["point"])
     eng = _open()
-    src = pattern(point.region)
+    src = pattern_region(point.region)
     pong = np.zeros(64, dtype=np.uint8)
     _register(eng, src)
     _register(eng, pong)

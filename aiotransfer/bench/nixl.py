@@ -36,7 +36,8 @@ from collections import deque
 
 import numpy as np
 
-from .common import SEED_PONG, Point, cpu_seconds, now, pattern, verify_region
+from .common import (SEED_PONG, Point, cpu_seconds, now, pattern, pattern_region,
+                     verify_region, zeros)
 
 UCX_ENV = {
     "tcp": {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"},
@@ -148,7 +149,7 @@ def _recv_progressing(agent, conn, timeout: float = 60.0):
 def server_main(conn, cfg: dict) -> dict:
     point = Point(**cfg["point"])
     agent = _agent("target", cfg)
-    dst = np.zeros(point.region, dtype=np.uint8)
+    dst = zeros(point.region)
     back = pattern(64, SEED_PONG)
     regs = [_register(agent, dst), _register(agent, back)]
     remote, peer = _exchange(agent, conn, {"addr": dst.ctypes.data})
@@ -181,7 +182,7 @@ def server_main(conn, cfg: dict) -> dict:
 def client_main(conn, cfg: dict) -> dict:
     point = Point(**cfg["point"])
     agent = _agent("initiator", cfg)
-    src = pattern(point.region)
+    src = pattern_region(point.region)
     pong = np.zeros(64, dtype=np.uint8)
     regs = [_register(agent, src), _register(agent, pong)]
     remote, peer = _exchange(agent, conn, {"pong": pong.ctypes.data})

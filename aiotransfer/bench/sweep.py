@@ -36,8 +36,10 @@ RATE_SIZES = [8, 4 * KIB]
 BW_BACKENDS = ["raw:shm", "aiotransfer:shm", "aiotransfer:shm:paged", "nixl:shm",
                "raw:tcp", "aiotransfer:tcp", "aiotransfer:tcp:paged", "mooncake:tcp", "nixl:tcp"]
 RATE_BACKENDS = ["raw:shm", "raw:shm:paged", "aiotransfer:shm", "aiotransfer:shm:await",
+                 "aiotransfer:shm:pipeline",
                  "aiotransfer:shm:paged", "nixl:shm",
                  "raw:tcp", "raw:tcp:paged", "aiotransfer:tcp", "aiotransfer:tcp:await",
+                 "aiotransfer:tcp:pipeline",
                  "aiotransfer:tcp:paged", "mooncake:tcp", "nixl:tcp"]
 LAT_BACKENDS = ["raw:shm", "aiotransfer:shm", "nixl:shm",
                 "raw:tcp", "aiotransfer:tcp", "mooncake:tcp", "nixl:tcp"]
