@@ -51,6 +51,8 @@
 #define ATX_APP_STALE_NS 1000000ULL   /* an app that polls, silent this long: its loop is busy */
 #define ATX_GAP_CAP_NS 2000000ULL     /* a gap between completions counts at most this much... */
 #define ATX_GAP_WIN_MAX_NS 4000000ULL /* ...and keeps a poller polling at most this long */
+#define ATX_INFLIGHT_POLL_NS 50000000ULL /* the app's loop, work in flight: polls this long
+                                           * after the last completion */
 #define ATX_DRAIN_NS 2000000000ULL    /* close: wait this long for posted requests */
 #define ATX_COALESCE_NS 25000ULL      /* hold a wake-up back at most this long */
 #define ATX_COALESCE_MAX 64           /* ...or until this many records wait */
@@ -258,8 +260,10 @@ struct atx_engine {
     int sleeping;
     uint64_t submitted;
     int app_polling;                   /* the app thread polls: stand back, no wake-ups */
+    int app_inside;                    /* app threads inside a poll or a post right now */
     uint64_t app_work_ts;              /* the app's polling last found work */
     uint64_t app_gap;                  /* typical time between its finds (EWMA) */
+    int app_inflight;                  /* at its last poll, work requests were in flight */
     int wake_fd;
 
     /* worker-private */
@@ -649,6 +653,7 @@ static int submit(atx_engine *e, atx_op *op) {
         pthread_mutex_unlock(&e->prog_lock);
         return -FI_EINVAL;
     }
+    __atomic_add_fetch(&e->app_inside, 1, __ATOMIC_RELAXED);
     e->now = now_ns();
     op->t_start = e->now;
     accept_op(e, op);
@@ -658,7 +663,8 @@ static int submit(atx_engine *e, atx_op *op) {
         post_pending(e);
     }
     batch_flush(e);
-    __atomic_store_n(&e->app_ts, e->now, __ATOMIC_RELAXED);
+    __atomic_store_n(&e->app_ts, now_ns(), __ATOMIC_RELAXED);
+    __atomic_sub_fetch(&e->app_inside, 1, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&e->prog_lock);
     kick_worker(e);
     return 0;
@@ -1909,10 +1915,14 @@ int atx_app_poll(atx_engine *e, uint64_t window_ns) {
      * worker must not take that for a loop that stopped polling */
     __atomic_store_n(&e->app_ts, t, __ATOMIC_RELAXED);
     if (pthread_mutex_trylock(&e->prog_lock) == 0) {
-        if (!e->dead && progress_once_at(e, 4, t)) {
-            t = now_ns();
-            gap_note(&e->app_work_ts, &e->app_gap, t);
-        }
+        size_t work = 0;
+        __atomic_add_fetch(&e->app_inside, 1, __ATOMIC_RELAXED);
+        if (!e->dead) work = progress_once_at(e, 4, t);
+        __atomic_sub_fetch(&e->app_inside, 1, __ATOMIC_RELAXED);
+        t = now_ns();
+        if (work) gap_note(&e->app_work_ts, &e->app_gap, t);
+        e->app_inflight = e->post_head != NULL;
+        for (int i = 0; i < e->nnics; i++) e->app_inflight |= e->nics[i].tx_used > 0;
         pthread_mutex_unlock(&e->prog_lock);
     }
     __atomic_store_n(&e->app_ts, t, __ATOMIC_RELAXED);
@@ -1920,7 +1930,15 @@ int atx_app_poll(atx_engine *e, uint64_t window_ns) {
         r |= ATX_POLL_RECORDS;
         e->app_work_ts = t;
     }
-    if (t - e->app_work_ts < gap_window(window_ns, e->app_gap)) r |= ATX_POLL_AGAIN;
+    /* with work requests in flight, their completions will come: keep
+     * polling until none came for ATX_INFLIGHT_POLL_NS.  Completions come in
+     * bursts: the shm target copies every queued write while it holds its
+     * region lock, 16 x 4 MiB in 6 ms, and the initiator sees none of them
+     * until it lets go.  Stopping there handed the NICs to the worker, whose
+     * spinning took a core from the target's copy (72 hand-overs per GiB). */
+    if (t - e->app_work_ts < (e->app_inflight ? ATX_INFLIGHT_POLL_NS
+                                               : gap_window(window_ns, e->app_gap)))
+        r |= ATX_POLL_AGAIN;
     return r;
 }
 
@@ -2075,8 +2093,13 @@ static void *worker_main(void *arg) {
         /* the application's loop polls the NICs (and drains the records):
          * stand back, but for the stall scans; if its polls stop for
          * ATX_APP_STALE_NS (its loop runs something long), progress for it */
+        /* (inside a poll or post, an app thread may wait milliseconds: the
+         * shm provider's post spins on the target's region lock while the
+         * target copies; a worker that took that for a stalled loop spun on
+         * the same lock) */
         app_drives = __atomic_load_n(&e->app_polling, __ATOMIC_SEQ_CST) &&
-                     t - __atomic_load_n(&e->app_ts, __ATOMIC_RELAXED) < ATX_APP_STALE_NS;
+                     (__atomic_load_n(&e->app_inside, __ATOMIC_RELAXED) ||
+                      t - __atomic_load_n(&e->app_ts, __ATOMIC_RELAXED) < ATX_APP_STALE_NS);
         if (app_drives && t - e->last_scan < ATX_STALL_SCAN_NS) {
             worker_sleep(e, ATX_APP_STALE_NS, 0);   /* woken when it stops polling */
             continue;

@@ -33,8 +33,10 @@ from .common import GIB, KIB, MIB, BenchError, Point, Unavailable, wait_quiet
 
 SIZES = [4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB, 64 * MIB]
 RATE_SIZES = [8, 4 * KIB]
-BW_BACKENDS = ["raw:shm", "aiotransfer:shm", "aiotransfer:shm:paged", "nixl:shm",
-               "raw:tcp", "aiotransfer:tcp", "aiotransfer:tcp:paged", "mooncake:tcp", "nixl:tcp"]
+BW_BACKENDS = ["raw:shm", "aiotransfer:shm", "aiotransfer:shm:pipeline", "aiotransfer:shm:paged",
+               "nixl:shm",
+               "raw:tcp", "aiotransfer:tcp", "aiotransfer:tcp:pipeline", "aiotransfer:tcp:paged",
+               "mooncake:tcp", "nixl:tcp"]
 RATE_BACKENDS = ["raw:shm", "raw:shm:paged", "aiotransfer:shm", "aiotransfer:shm:await",
                  "aiotransfer:shm:pipeline",
                  "aiotransfer:shm:paged", "nixl:shm",
