@@ -28,6 +28,8 @@ def alloc(nbytes: int, *, huge_pages: bool = True) -> np.ndarray:
     advised for transparent huge pages; otherwise it is page-aligned.  The
     mapping lives as long as the array or any view of it does.
     """
+    if isinstance(nbytes, bool):
+        raise TypeError("nbytes must be an integer, not bool")
     try:
         n = operator.index(nbytes)
     except TypeError:

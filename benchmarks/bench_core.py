@@ -14,6 +14,12 @@ Targets (issue: core engine), on shm and tcp: bandwidth >= 0.95 of raw C
 from 64 KiB to 16 MiB; paged 8 B pages >= 0.8 of raw C's rate; one awaitable
 per write >= 300,000 writes/s on shm; 8 B ping-pong latency within 10 us.
 The head-to-head sweep with the peer libraries is ``aiotransfer bench``.
+
+Single writes are measured in three styles of application code (see
+aiotransfer/bench/aio.py): ``pipeline`` (a deque of awaitables, the oldest
+awaited when the window is full), ``await`` (a coroutine per window slot,
+each awaiting its write) and ``write`` (a done-callback per future, the
+window refilled when half of it completed).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # numpy's BLAS threads spin
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiotransfer.bench import Backend, Point  # noqa: E402
-from aiotransfer.bench.sweep import fmt_size, machine, run_sweep  # noqa: E402
+from aiotransfer.bench.sweep import fmt_size, machine, reference_of, run_sweep  # noqa: E402
 
 KIB, MIB = 1 << 10, 1 << 20
 NAMES = {"tcp": "tcp;ofi_rxm", "udp": "udp;ofi_rxd", "shm": "shm", "sockets": "sockets"}
@@ -36,27 +42,33 @@ SHORT = {v: k for k, v in NAMES.items()}
 UNITS = {"bw": "GB/s", "rate": "Mop/s", "lat": "us"}
 
 
+SINGLE = ("pipeline", "write")          # styles of single writes, bandwidth
+RATE = ("pipeline", "await", "write")    # ... and rate
+
+
 def plan(providers: list[str], quick: bool) -> list[tuple[Point, list[str]]]:
-    """(point, [raw backend, aiotransfer backend]) per provider; the paged row
-    pairs the C program's paged mode with write_paged (1024 pages per call)."""
+    """(point, [raw backend, aiotransfer backends...]) per provider; the paged
+    row pairs the C program's paged mode with write_paged (1024 pages per call)."""
     if quick:
-        pts = [(Point("bw", 64 * KIB, 64, 2000), ""), (Point("rate", 8, 64, 20000), ""),
-               (Point("rate", 8, 4096, 100000, pages=1024), "paged"), (Point("lat", 8, 1, 500), "")]
+        pts = [(Point("bw", 64 * KIB, 64, 2000), SINGLE), (Point("rate", 8, 64, 20000), RATE),
+               (Point("rate", 8, 4096, 100000, pages=1024), ("paged",)),
+               (Point("lat", 8, 1, 500), ("write",))]
     else:
         pts = []
         for size in (4 * KIB, 64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB):
             total = 1 << 30 if size >= 64 * KIB else 256 * MIB
-            pts.append((Point("bw", size, 64 if size <= MIB else 16, max(200, total // size)), ""))
-        pts += [(Point("rate", 8, 64, 100000), ""),
-                (Point("rate", 8, 4096, 1000000, pages=1024), "paged"),
-                (Point("lat", 8, 1, 5000), "")]
+            pts.append((Point("bw", size, 64 if size <= MIB else 16, max(200, total // size)),
+                        SINGLE))
+        pts += [(Point("rate", 8, 64, 100000), RATE),
+                (Point("rate", 8, 4096, 1000000, pages=1024), ("paged",)),
+                (Point("lat", 8, 1, 5000), ("write",))]
     out = []
     for prov in providers:
-        for point, style in pts:
+        for point, styles in pts:
             if prov == "udp" and point.mode == "bw":
                 point = Point("bw", point.size, point.window, max(100, point.iters // 20))
-            suffix = f":{style}" if style else ""
-            out.append((point, [f"raw:{prov}{suffix}", f"aiotransfer:{prov}{suffix}"]))
+            aio = [f"aiotransfer:{prov}" + ("" if st == "write" else f":{st}") for st in styles]
+            out.append((point, [reference_of(aio[0])] + aio))
     return out
 
 
@@ -69,14 +81,15 @@ def table(doc: dict) -> tuple[str, list[dict]]:
         b = Backend.parse(spec)
         if b.kind != "aiotransfer":
             continue
-        raw = rows.get((spec.replace("aiotransfer", "raw", 1), mode, size, window))
+        raw = rows.get((reference_of(spec), mode, size, window))
         u = UNITS[mode]
         r_v, a_v = raw and raw["value"], aio["value"]
         if mode == "lat":
             ratio = f"+{a_v - r_v:.1f} us" if r_v is not None and a_v is not None else "-"
         else:
             ratio = f"{a_v / r_v:.2f}" if r_v and a_v is not None else "-"
-        label = f"paged ({aio['pages']} pages/call)" if b.style == "paged" else mode
+        label = (f"paged ({aio['pages']} pages/call)" if b.style == "paged"
+                 else mode if b.style == "write" else f"{mode}, {b.style}")
         ok = aio["verified"] and raw is not None and raw["verified"]
         out.append(f"| {NAMES[b.transport]} | {label} | {fmt_size(size)} | {window} | "
                    f"{'-' if r_v is None else f'{r_v:.3g} {u}'} | "
@@ -99,9 +112,14 @@ def plot(pairs: list[dict], path: str) -> None:
         bw = [p for p in pairs if p["provider"] == prov and p["mode"] == "bw"]
         if not bw:
             continue
-        xs = [p["size"] for p in bw]
-        ax.plot(xs, [p["raw"] for p in bw], "--o", label=f"raw C libfabric ({prov})")
-        ax.plot(xs, [p["aio"] for p in bw], "-s", label=f"aiotransfer ({prov})")
+        styles = list(dict.fromkeys(p["style"] for p in bw))
+        ref = [p for p in bw if p["style"] == styles[0]]
+        ax.plot([p["size"] for p in ref], [p["raw"] for p in ref], "--o",
+                label=f"raw C libfabric ({prov})")
+        for st in styles:
+            mine = [p for p in bw if p["style"] == st]
+            ax.plot([p["size"] for p in mine], [p["aio"] for p in mine], "-s",
+                    label=f"aiotransfer {st} ({prov})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("write size (bytes)")
     ax.set_ylabel("GB/s, first post to last arrival (1e9 B/s)")
