@@ -67,17 +67,22 @@ async def receiver(provider: str, nbytes: int, page: int, passes: int, conn) -> 
         for p in range(passes):
             expect = pattern(p, nbytes).reshape(npages, page)
             perm = permutation(p, npages)
-            # the sender announces the start of each pass with a control message
-            if await eng.recv(timeout=600) != f"start {p}".encode():
-                raise SystemExit("receiver: protocol error")
-            t0 = time.perf_counter()
+            # the sender announces each pass with a control message that
+            # carries its start time (both processes run on this host and
+            # share CLOCK_MONOTONIC). Messages and writes are not ordered:
+            # the message may come after some or all of the pass's writes,
+            # so the receiver's own clock would start too late.
+            msg = (await eng.recv(timeout=600)).decode(errors="replace").split()
+            if len(msg) != 3 or msg[:2] != ["start", str(p)]:
+                raise SystemExit(f"receiver: protocol error: {' '.join(msg)!r}")
+            t0 = float(msg[2])
             bar = ProgressBar(npages * page, f"recv pass {p + 1}/{passes}", unit="B")
             waiter = asyncio.ensure_future(counter.wait(npages, timeout=600))
             while not waiter.done():
                 bar.update_to((counter.total - p * npages) * page)
                 await asyncio.wait([waiter], timeout=0.1)
             await waiter
-            dt = time.perf_counter() - t0
+            dt = time.monotonic() - t0
             bar.close()
             got = dst.reshape(npages, page)[perm]
             bad = np.flatnonzero((got != expect).any(axis=1))
@@ -102,8 +107,8 @@ async def sender(provider: str, nbytes: int, page: int, passes: int, batch: int,
             src[:] = pattern(p, nbytes)
             perm = permutation(p, npages)
             bar = ProgressBar(npages * page, f"send pass {p + 1}/{passes}", unit="B")
-            await eng.send(peer_addr, f"start {p}".encode())
-            t0 = time.perf_counter()
+            t0 = time.monotonic()
+            await eng.send(peer_addr, f"start {p} {t0!r}".encode())
             inflight: set = set()
             for first in range(0, npages, batch):
                 idx = np.arange(first, min(first + batch, npages), dtype=np.int64)
@@ -117,7 +122,7 @@ async def sender(provider: str, nbytes: int, page: int, passes: int, batch: int,
                         f.result()
             for f in asyncio.as_completed(inflight):
                 await f
-            dt = time.perf_counter() - t0
+            dt = time.monotonic() - t0
             bar.close()
             print(f"sender:   pass {p + 1}: {nbytes / 2**20:.0f} MiB in {dt:.2f} s, "
                   f"{nbytes / dt / 1e9:.2f} GB/s", flush=True)
