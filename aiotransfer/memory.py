@@ -12,9 +12,10 @@ that lie wholly inside it; numpy asks from 4 MiB up but does not align, so a
 from __future__ import annotations
 
 import mmap
-import operator
 
 import numpy as np
+
+from . import _core
 
 #: size and alignment of a transparent huge page on x86-64 and arm64 (4 KiB pages)
 HUGE_PAGE = 2 << 20
@@ -28,14 +29,7 @@ def alloc(nbytes: int, *, huge_pages: bool = True) -> np.ndarray:
     advised for transparent huge pages; otherwise it is page-aligned.  The
     mapping lives as long as the array or any view of it does.
     """
-    if isinstance(nbytes, bool):
-        raise TypeError("nbytes must be an integer, not bool")
-    try:
-        n = operator.index(nbytes)
-    except TypeError:
-        raise TypeError(f"nbytes must be an integer, not {type(nbytes).__name__}") from None
-    if n < 0:
-        raise ValueError(f"nbytes={n} must be >= 0")
+    n = _core.arg_uint("nbytes", nbytes)   # the package's one argument check
     huge = huge_pages and n >= HUGE_PAGE
     align = HUGE_PAGE if huge else mmap.PAGESIZE
     span = max(n, 1) + (align - mmap.PAGESIZE if huge else 0)

@@ -1910,6 +1910,13 @@ static size_t progress_once(atx_engine *e, int rounds) {
     return progress_once_at(e, rounds, now_ns());
 }
 
+/* Work queued or at a NIC: completions are still to come.  Under prog_lock. */
+static int work_in_flight(const atx_engine *e) {
+    int busy = e->post_head != NULL;
+    for (int i = 0; i < e->nnics; i++) busy |= e->nics[i].tx_used > 0;
+    return busy;
+}
+
 void atx_app_polling(atx_engine *e, int on) {
     if (on) __atomic_store_n(&e->app_work_ts, now_ns(), __ATOMIC_RELAXED);
     __atomic_store_n(&e->app_polling, on, __ATOMIC_SEQ_CST);
@@ -1933,8 +1940,7 @@ int atx_app_poll(atx_engine *e, uint64_t window_ns) {
         __atomic_sub_fetch(&e->app_inside, 1, __ATOMIC_RELAXED);
         t = now_ns();
         if (work) gap_note(&e->app_work_ts, &e->app_gap, t);
-        e->app_inflight = e->post_head != NULL;
-        for (int i = 0; i < e->nnics; i++) e->app_inflight |= e->nics[i].tx_used > 0;
+        e->app_inflight = work_in_flight(e);
         pthread_mutex_unlock(&e->prog_lock);
     }
     __atomic_store_n(&e->app_ts, t, __ATOMIC_RELAXED);
@@ -2135,8 +2141,7 @@ static void *worker_main(void *arg) {
         }
         rec_notify_due(e, 0);
         app_ts = e->app_ts;
-        busy = e->post_head != NULL;
-        for (int i = 0; i < e->nnics; i++) busy |= e->nics[i].tx_used > 0;
+        busy = work_in_flight(e);
         pthread_mutex_unlock(&e->prog_lock);
 
         if (app_drives) continue;

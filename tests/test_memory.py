@@ -68,7 +68,7 @@ def test_alloc_memory_lives_as_long_as_a_view():
 
 
 @pytest.mark.parametrize("bad,exc,text", [
-    (-1, ValueError, "nbytes=-1 must be >= 0"),
+    (-1, ValueError, r"nbytes=-1 is out of range \[0, 18446744073709551616\)"),
     (1.5, TypeError, "nbytes must be an integer, not float"),
     ("8", TypeError, "nbytes must be an integer, not str"),
     (True, TypeError, "nbytes must be an integer, not bool"),

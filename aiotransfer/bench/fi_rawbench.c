@@ -651,12 +651,11 @@ static const char *mr_mode_str(uint64_t m, char *buf, size_t n)
  * (madvise(MADV_HUGEPAGE); THP is "madvise" on Debian), which makes the shm
  * provider's process_vm_readv pin 2 MiB pages instead of 4 KiB ones.  Same
  * memory, same pages on both sides. */
-#define HUGE_FROM (2u << 20)
 #define HUGE_PAGE (2u << 20)
 static void *alloc_buf(size_t len)
 {
 	void *p = NULL;
-	size_t align = len >= HUGE_FROM ? HUGE_PAGE : 4096;
+	size_t align = len >= HUGE_PAGE ? HUGE_PAGE : 4096;
 	if (len < 64)
 		len = 64;
 	len = (len + align - 1) & ~(align - 1);
