@@ -34,6 +34,7 @@ cdef extern from "atx.h" nogil:
         size_t stripe
         size_t nic_budget
         uint64_t peer_timeout_ns
+        int endpoints
 
     ctypedef struct atx_nic_info:
         char name[64]
@@ -53,6 +54,7 @@ cdef extern from "atx.h" nogil:
         int mr_endpoint
         int delivery_complete
         int data_progress_manual
+        int endpoint
 
     ctypedef struct atx_engine:
         pass

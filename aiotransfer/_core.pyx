@@ -104,8 +104,11 @@ cdef class CoreEngine:
     def __init__(self, str provider, domains=None, *, bint delivery_complete=True,
                  size_t msg_size=65536, int msg_count=64, int cpu=-1, size_t max_chunk=0,
                  size_t tx_depth=0, bint wait_fd=True, size_t stripe=0, size_t nic_budget=0,
-                 double peer_timeout=0, uint64_t engine_id=0, double failover=0):
-        """domains: None (the provider's first NIC), a name, or a list of names."""
+                 double peer_timeout=0, uint64_t engine_id=0, double failover=0,
+                 int endpoints=1):
+        """domains: None (the provider's first NIC), a name, or a list of names.
+        endpoints: endpoints opened on each of them; NIC d's endpoint k is
+        core NIC d * endpoints + k."""
         cdef atx_config cfg
         cdef char err[256]
         cdef bytes prov_b = provider.encode()
@@ -133,6 +136,7 @@ cdef class CoreEngine:
         cfg.cpu = cpu
         cfg.max_chunk = max_chunk
         cfg.tx_depth = tx_depth
+        cfg.endpoints = endpoints
         cfg.no_wait_fd = not wait_fd
         err[0] = 0
         with nogil:
@@ -180,6 +184,7 @@ cdef class CoreEngine:
             "rx_cq_data": bool(n.rx_cq_data), "mr_endpoint": bool(n.mr_endpoint),
             "delivery_complete": bool(n.delivery_complete),
             "data_progress_manual": bool(n.data_progress_manual),
+            "endpoint": n.endpoint,
         }
 
     def getname(self, int nic):

@@ -45,8 +45,12 @@ Destination = Union[RemoteRegion, bytes, bytearray, memoryview]
 #: Defaults that work around provider behaviour measured here (docs/providers.md):
 #: sockets stalls with 64 or more writes in flight, and under manual progress
 #: its CQ wait fd does not wake a target whose data is waiting to be progressed.
+#: shm copies every write on the target under one lock per endpoint (its
+#: region): with two endpoints the initiator posts to and reaps from one
+#: while the target copies from the other (docs/benchmarks.md).
 PROVIDER_DEFAULTS: dict[str, dict[str, Any]] = {
     "sockets": {"tx_depth": 16, "wait_fd": False},
+    "shm": {"endpoints": 2},
 }
 
 
@@ -212,6 +216,7 @@ class NicInfo:
     link_speed: int | None
     fabric: str = ""
     details: dict | None = None
+    endpoints: int = 1
 
 
 @dataclass(frozen=True)
@@ -370,8 +375,12 @@ class TransferEngine:
     ``msg_size``/``msg_count`` -- size and number of control-message receive
     buffers.  ``cpu`` -- pin the progress worker to this CPU.
     ``max_chunk`` -- split single writes into pieces of at most this size.
-    ``tx_depth`` -- work requests in flight per NIC (default: the provider's
-    queue size, or ``$AIOTRANSFER_TX_DEPTH``).
+    ``tx_depth`` -- work requests in flight per endpoint (default: the
+    provider's queue size, or ``$AIOTRANSFER_TX_DEPTH``).
+    ``endpoints`` -- endpoints opened on each NIC (default
+    ``$AIOTRANSFER_ENDPOINTS``, else 2 on shm and 1 elsewhere).  The selector
+    spreads work over them as over NICs: each has its own queue, completion
+    queue and connection to each peer.
     ``recv_queue_limit`` -- control messages kept while nobody is in recv().
     ``busy_poll_us`` -- while operations or ``expect_imm`` waiters are
     pending, the event loop's own thread polls the NICs (a callback it runs
@@ -390,7 +399,7 @@ class TransferEngine:
                  busy_poll_us: float | None = None, gpu: int | None = None,
                  nic_weights: Sequence[float] | None = None,
                  stripe: int | None = None, peer_timeout: float | None = None,
-                 failover_timeout: float | None = None) -> None:
+                 failover_timeout: float | None = None, endpoints: int | None = None) -> None:
         self.provider = resolve_provider(provider)
         self._nics_arg = self._check_nics(nics)
         self._gpu = None if gpu is None else _uint("gpu", gpu, 1 << 16)
@@ -418,6 +427,16 @@ class TransferEngine:
             tx_depth = int(os.environ.get("AIOTRANSFER_TX_DEPTH", "0")) or \
                 PROVIDER_DEFAULTS.get(self.provider, {}).get("tx_depth", 0)
         self._tx_depth = _uint("tx_depth", tx_depth, 1 << 16)
+        if endpoints is None:
+            env = os.environ.get("AIOTRANSFER_ENDPOINTS")
+            endpoints = int(env) if env else \
+                PROVIDER_DEFAULTS.get(self.provider, {}).get("endpoints", 1)
+        self._endpoints = _uint("endpoints", endpoints)
+        if not 1 <= self._endpoints <= MAX_NICS:
+            raise ValueError(f"endpoints={endpoints} must be in [1, {MAX_NICS}]")
+        if isinstance(self._nics_arg, (list, int)):
+            count = self._nics_arg if isinstance(self._nics_arg, int) else len(self._nics_arg)
+            self._check_endpoint_total(count)
         self._msgs = _Messages(_uint("recv_queue_limit", recv_queue_limit))
         self._busy_poll = _tunable("busy_poll_us", busy_poll_us, "AIOTRANSFER_BUSY_POLL_US", "200",
                                    0, 1e6, "a number", "[0, 1e6]") / 1e6
@@ -456,6 +475,11 @@ class TransferEngine:
             raise ValueError(f"nics={names} lists a NIC twice")
         return names
 
+    def _check_endpoint_total(self, nics: int) -> None:
+        if nics * self._endpoints > MAX_NICS:
+            raise ValueError(f"{nics} NIC(s) x endpoints={self._endpoints} is "
+                             f"{nics * self._endpoints} endpoints; at most {MAX_NICS}")
+
     @staticmethod
     def _check_weights(weights: Any) -> list[float] | None:
         if weights is None:
@@ -492,6 +516,7 @@ class TransferEngine:
             raise RuntimeError(f"engine already {self._state}")
         loop = asyncio.get_running_loop()
         names = self._resolve_nics()
+        self._check_endpoint_total(max(len(names), 1))
         self._engine_id = secrets.randbits(64) or 1
         if self._nic_weights is not None and len(self._nic_weights) != max(len(names), 1):
             raise ValueError(f"nic_weights has {len(self._nic_weights)} entries for "
@@ -502,7 +527,7 @@ class TransferEngine:
                 engine_id=self._engine_id, failover=self._failover,
                 delivery_complete=self._delivery_complete, msg_size=self._msg_size,
                 msg_count=self._msg_count, cpu=self._cpu, max_chunk=self._max_chunk,
-                tx_depth=self._tx_depth,
+                tx_depth=self._tx_depth, endpoints=self._endpoints,
                 wait_fd=PROVIDER_DEFAULTS.get(self.provider, {}).get("wait_fd", True))
         except _core.CoreError as exc:
             raise TransferError(f"cannot open provider {self.provider!r}", op="start",
@@ -515,18 +540,21 @@ class TransferEngine:
                                       tuple(core.getname(i) for i in range(core.nic_count())),
                                       self._msg_size)
         self._address_bytes = self._address.to_bytes()
+        # the core's NIC i is endpoint i % E of NIC i // E
+        eps = self._endpoints
         self._nics = []
-        for i in range(core.nic_count()):
+        for i in range(0, core.nic_count(), eps):
             d = core.nic_info(i)
             speed = d["link_speed"] or sysfs_link_speed(d["name"])
-            self._nics.append(NicInfo(d["name"], self.provider, speed, d["fabric"], d))
+            self._nics.append(NicInfo(d["name"], self.provider, speed, d["fabric"], d, eps))
         ws = self._nic_weights
         if ws is None:
             speeds = [n.link_speed for n in self._nics]
             ws = [s / 1e6 for s in speeds] if all(speeds) else [1.0] * len(speeds)
         top = max(ws)
         for i, w in enumerate(ws):
-            core.set_weight(i, max(1, round(w / top * 1_000_000)) if w else 0)
+            for k in range(eps):
+                core.set_weight(i * eps + k, max(1, round(w / top * 1_000_000)) if w else 0)
         self._state = "running"
         return self
 
@@ -591,10 +619,25 @@ class TransferEngine:
     def closed(self) -> bool:
         return self._state == "closed"
 
-    def stats(self) -> list[dict]:
-        """Per-NIC counters (bytes, work requests, immediates, errors, ...)."""
+    def stats(self, *, per_endpoint: bool = False) -> list[dict]:
+        """Per-NIC counters (bytes, work requests, immediates, errors, ...),
+        summed over the NIC's endpoints (``weight``: the NIC's share in the
+        selector); ``per_endpoint=True``: one dict per endpoint, with its
+        ``endpoint`` index."""
         core = self._core_or_closed()
-        return [dict(core.stats(i), nic=n.name) for i, n in enumerate(self._nics)]
+        eps = self._endpoints
+        rows = [dict(core.stats(i), nic=n.name, endpoint=k)
+                for j, n in enumerate(self._nics) for k in range(eps)
+                for i in (j * eps + k,)]
+        if per_endpoint:
+            return rows
+        out = []
+        for j, n in enumerate(self._nics):
+            mine = rows[j * eps:(j + 1) * eps]
+            total = {key: sum(r[key] for r in mine) for key in mine[0]
+                     if key not in ("nic", "endpoint", "weight")}
+            out.append(dict(total, weight=mine[0]["weight"], nic=n.name, endpoints=eps))
+        return out
 
     @property
     def dropped_messages(self) -> int:

@@ -49,6 +49,7 @@
 #define ATX_BLOCK_MS 100              /* safety timer of a blocked worker */
 #define ATX_APP_QUIET_NS 20000ULL     /* app progressed this recently: let it drive */
 #define ATX_APP_STALE_NS 1000000ULL   /* an app that polls, silent this long: its loop is busy */
+#define ATX_APP_CHECK_MAX_NS 8000000ULL /* a worker standing back looks at least this often */
 #define ATX_GAP_CAP_NS 2000000ULL     /* a gap between completions counts at most this much... */
 #define ATX_GAP_WIN_MAX_NS 4000000ULL /* ...and keeps a poller polling at most this long */
 #define ATX_INFLIGHT_POLL_NS 50000000ULL /* the app's loop, work in flight: polls this long
@@ -239,7 +240,8 @@ typedef struct atx_nic {
 struct atx_engine {
     atx_config cfg;
     char provider[64];
-    int nnics;
+    int nnics;                        /* endpoints: NIC d's endpoint k is nics[d * eps + k] */
+    int ndoms;                        /* distinct NICs (domains) */
     atx_nic nics[ATX_MAX_NICS];
 
     pthread_t thread;
@@ -719,8 +721,9 @@ int atx_post_write(atx_engine *e, uint64_t id, const atx_mr *src, uint64_t src_o
     op->has_imm = has_imm;
     op->imm = imm;
     op->chunk = e->cfg.max_chunk;
-    /* several NICs: stripes, so that every NIC takes a share */
-    if (e->nnics > 1 && len > e->cfg.stripe && op->chunk > e->cfg.stripe)
+    /* several NICs: stripes, so that every NIC takes a share (the
+     * endpoints of one NIC share its link: whole writes spread over them) */
+    if (e->ndoms > 1 && len > e->cfg.stripe && op->chunk > e->cfg.stripe)
         op->chunk = e->cfg.stripe;
     if (len == 0)
         op->nwr = has_imm ? 1 : 0;
@@ -1055,7 +1058,7 @@ static int insert_peer(atx_engine *e, int nnames, const void *const *names, cons
     /* Failover needs tokens (several NICs, 8 bytes of CQ data): say hello;
      * immediates to this peer wait for its answer (one round trip, once).
      * Engine id 0: a bare core user, no hello. */
-    if (e->nnics > 1 && e->nics[0].imm_flag && e->cfg.engine_id && e->hello_len &&
+    if (e->ndoms > 1 && e->nics[0].imm_flag && e->cfg.engine_id && e->hello_len &&
         post_internal_send(e, *peer_out, MSG_HELLO, e->hello + 1, e->hello_len - 1) == 0) {
         p = &e->peers[*peer_out];
         p->slot = SLOT_WAIT;
@@ -1234,7 +1237,8 @@ static void op_wr(const atx_op *op, uint64_t i, void **lbuf, size_t *len, uint64
 /* The NIC selector: which NIC takes a work request of len bytes to peer p
  * now?  The one with the least work in flight (bytes, plus ATX_WR_COST per
  * request) per unit of weight, among NICs with a free context, not pushed
- * back, within nic_budget bytes in flight and whose lane to p is up; ties
+ * back, within nic_budget bytes in flight (several distinct NICs only:
+ * endpoints of one NIC drain from one link) and whose lane to p is up; ties
  * go round-robin.  -1: no NIC has room; -2: only NICs whose lane to p is
  * down have room. */
 static int choose_nic(atx_engine *e, uint64_t len, const atx_peer *p) {
@@ -1252,7 +1256,8 @@ static int choose_nic(atx_engine *e, uint64_t len, const atx_peer *p) {
         atx_nic *n = &e->nics[i];
         uint64_t load;
         if (!n->tx_free || n->tx_blocked || !n->weight) continue;
-        if (n->inflight_bytes && n->inflight_bytes + len > e->cfg.nic_budget) continue;
+        if (e->ndoms > 1 && n->inflight_bytes && n->inflight_bytes + len > e->cfg.nic_budget)
+            continue;
         if (p->down[i] || p->eagain_at[i] == n->stats.polls + 1) {
             lane_down = 1;   /* (or pushed back since the last poll) */
             continue;
@@ -1867,7 +1872,11 @@ static void lane_reconnect(atx_engine *e, atx_peer *p, int l) {
 
 /* Lanes with work and no progress go down; down lanes get probed. */
 static void scan_lanes(atx_engine *e, uint64_t t) {
-    if (e->nnics < 2) return;   /* failover moves work between our NICs */
+    /* failover moves work between our NICs; the endpoints of one NIC share
+     * its link and its peers' fate, so they do not fail over for each other
+     * (and on shm, dropping a connection with requests in flight unmaps the
+     * peer's region under them) */
+    if (e->ndoms < 2) return;
     for (uint64_t pi = 0; pi < e->npeers; pi++) {
         atx_peer *p = &e->peers[pi];
         if (p->slot == SLOT_WAIT && t - p->hello_at > e->cfg.failover_ns)
@@ -2087,6 +2096,10 @@ static void *worker_main(void *arg) {
     atx_engine *e = arg;
     uint64_t last_activity = now_ns(), gap = 0;
     uint64_t sleep_ns = ATX_SLEEP_MIN_NS;
+    /* while the app drives, the worker looks whether its loop went stale
+     * after 1 ms, then 2, 4, up to 8 ms: a timer wake-up on a busy core
+     * preempts someone (on 2 cores, at 1 kHz: the shm target's copy) */
+    uint64_t check_ns = ATX_APP_STALE_NS;
     int any_fd = 1;
     for (int i = 0; i < e->nnics; i++)
         if (e->nics[i].cq_fd < 0) any_fd = 0;
@@ -2119,9 +2132,11 @@ static void *worker_main(void *arg) {
                      (__atomic_load_n(&e->app_inside, __ATOMIC_RELAXED) ||
                       t - __atomic_load_n(&e->app_ts, __ATOMIC_RELAXED) < ATX_APP_STALE_NS);
         if (app_drives && t - e->last_scan < ATX_STALL_SCAN_NS) {
-            worker_sleep(e, ATX_APP_STALE_NS, 0);   /* woken when it stops polling */
+            worker_sleep(e, check_ns, 0);   /* woken when it stops polling */
+            if (check_ns < ATX_APP_CHECK_MAX_NS) check_ns *= 2;
             continue;
         }
+        if (!app_drives) check_ns = ATX_APP_STALE_NS;
         if (pthread_mutex_trylock(&e->prog_lock) != 0) {
             /* the application is progressing inline right now; if its loop
              * polls, it drives (a poll can take a millisecond): sleep until
@@ -2338,10 +2353,16 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     struct fi_info *hints, *list = NULL, *pick[ATX_MAX_NICS];
     atx_engine *e;
     int rc, ndom = cfg->ndomains > 0 ? cfg->ndomains : 1, known = 1;
+    int neps = cfg->endpoints > 0 ? cfg->endpoints : 1;
 
     *out = NULL;
     if (cfg->ndomains < 0 || cfg->ndomains > ATX_MAX_NICS) {
         snprintf(err, errlen, "%d NICs asked for (1..%d allowed)", cfg->ndomains, ATX_MAX_NICS);
+        return -FI_EINVAL;
+    }
+    if (cfg->endpoints < 0 || ndom * neps > ATX_MAX_NICS) {
+        snprintf(err, errlen, "%d NIC(s) x %d endpoint(s) asked for (at most %d endpoints)",
+                 ndom, cfg->endpoints, ATX_MAX_NICS);
         return -FI_EINVAL;
     }
     hints = make_hints(cfg);
@@ -2378,6 +2399,7 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
         return -FI_ENOMEM;
     }
     e->cfg = *cfg;
+    e->ndoms = ndom;
     snprintf(e->provider, sizeof(e->provider), "%s", cfg->provider);
     e->cfg.provider = e->provider;
     memset(e->cfg.domains, 0, sizeof(e->cfg.domains));
@@ -2399,33 +2421,36 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     pthread_mutex_init(&e->imm_lock, NULL);
     pthread_mutex_init(&e->join_lock, NULL);
 
-    for (int d = 0; d < ndom; d++) {
+    /* NIC d's endpoint k is our NIC d * neps + k: each endpoint has its own
+     * fabric, domain, CQ and AV, as a NIC of its own would */
+    for (int i = 0; i < ndom * neps; i++) {
         pthread_mutex_lock(&g_lifecycle_lock);
-        rc = open_nic(e, &e->nics[d], pick[d], err, errlen);
+        rc = open_nic(e, &e->nics[i], pick[i / neps], err, errlen);
         pthread_mutex_unlock(&g_lifecycle_lock);
-        e->nnics = d + 1;   /* destroy closes what was opened */
+        e->nnics = i + 1;   /* destroy closes what was opened */
         if (rc) {
             fi_freeinfo(list);
             atx_engine_destroy(e);
             return rc;
         }
-        if (e->cfg.max_chunk == 0 || e->cfg.max_chunk > e->nics[d].pub.max_msg_size)
-            e->cfg.max_chunk = e->nics[d].pub.max_msg_size;
+        e->nics[i].pub.endpoint = i % neps;
+        if (e->cfg.max_chunk == 0 || e->cfg.max_chunk > e->nics[i].pub.max_msg_size)
+            e->cfg.max_chunk = e->nics[i].pub.max_msg_size;
         /* selector weight: the link speed in Mbit/s where libfabric knows it */
-        e->nics[d].weight = e->nics[d].pub.link_speed / 1000000u;
-        if (!e->nics[d].weight) known = 0;
+        e->nics[i].weight = e->nics[i].pub.link_speed / 1000000u;
+        if (!e->nics[i].weight) known = 0;
     }
     fi_freeinfo(list);
     if (!known)
-        for (int d = 0; d < ndom; d++) e->nics[d].weight = 1;
+        for (int i = 0; i < e->nnics; i++) e->nics[i].weight = 1;
     /* our MSG_HELLO: engine id, then each NIC's endpoint name */
     {
         size_t pos = 0;
         e->hello[pos++] = MSG_HELLO;
         memcpy(e->hello + pos, &e->cfg.engine_id, 8);
         pos += 8;
-        e->hello[pos++] = (char)ndom;
-        for (int d = 0; d < ndom; d++) {
+        e->hello[pos++] = (char)e->nnics;
+        for (int d = 0; d < e->nnics; d++) {
             size_t nl = 256;
             uint16_t l16;
             if (fi_getname(&e->nics[d].ep->fid, e->hello + pos + 2, &nl) != 0 || nl > 256) {

@@ -59,6 +59,9 @@ typedef struct atx_config {
     size_t nic_budget;        /* several NICs: bytes in flight per NIC before choosing another */
     uint64_t peer_timeout_ns; /* no completion from a peer this long while operations to it
                                * wait: they fail with -FI_ETIMEDOUT (0: 5 s) */
+    int endpoints;            /* endpoints opened on each NIC (0: 1); each is a NIC of the
+                               * engine for the selector, lanes and failover: NIC d's
+                               * endpoint k is engine NIC d * endpoints + k */
 } atx_config;
 
 typedef struct atx_nic_info {
@@ -79,6 +82,7 @@ typedef struct atx_nic_info {
     int mr_endpoint;
     int delivery_complete;    /* in use */
     int data_progress_manual;
+    int endpoint;             /* which endpoint of its NIC (0 .. endpoints - 1) */
 } atx_nic_info;
 
 typedef struct atx_engine atx_engine;
