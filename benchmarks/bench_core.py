@@ -56,7 +56,7 @@ def plan(providers: list[str], quick: bool) -> list[tuple[Point, list[str]]]:
     else:
         pts = []
         for size in (4 * KIB, 64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB):
-            total = 1 << 30 if size >= 64 * KIB else 256 * MIB
+            total = 4 << 30 if size >= 64 * KIB else 256 * MIB   # 4 GiB: 0.3-1 s a run
             pts.append((Point("bw", size, 64 if size <= MIB else 16, max(200, total // size)),
                         SINGLE))
         pts += [(Point("rate", 8, 64, 100000), RATE),
@@ -135,7 +135,7 @@ def main() -> int:
     ap.add_argument("-p", "--provider", action="append",
                     help="shm, tcp, sockets, udp (repeatable; default shm and tcp)")
     ap.add_argument("--quick", action="store_true", help="one short point per mode")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per point (median)")
+    ap.add_argument("--repeat", type=int, default=5, help="runs per point (median)")
     ap.add_argument("--json", help="write the rows as JSON here")
     ap.add_argument("--plot", help="write a PNG plot of bandwidth vs size here")
     a = ap.parse_args()

@@ -1919,6 +1919,19 @@ static size_t progress_once(atx_engine *e, int rounds) {
     return progress_once_at(e, rounds, now_ns());
 }
 
+/* Every ATX_STALL_SCAN_NS, whoever progresses (the worker, or the app's
+ * loop while it drives) looks for stalled lanes and operations.  Called
+ * with prog_lock held. */
+static void scan_if_due(atx_engine *e, uint64_t t) {
+    if (t - e->last_scan <= ATX_STALL_SCAN_NS) return;
+    e->last_scan = t;
+    if (!e->live && !e->npeers) return;
+    scan_lanes(e, t);
+    scan_stalls(e, t);
+    post_pending(e);
+    batch_flush(e);
+}
+
 /* Work queued or at a NIC: completions are still to come.  Under prog_lock. */
 static int work_in_flight(const atx_engine *e) {
     int busy = e->post_head != NULL;
@@ -1945,7 +1958,10 @@ int atx_app_poll(atx_engine *e, uint64_t window_ns) {
     if (pthread_mutex_trylock(&e->prog_lock) == 0) {
         size_t work = 0;
         __atomic_add_fetch(&e->app_inside, 1, __ATOMIC_RELAXED);
-        if (!e->dead) work = progress_once_at(e, 4, t);
+        if (!e->dead) {
+            work = progress_once_at(e, 4, t);
+            scan_if_due(e, t);
+        }
         __atomic_sub_fetch(&e->app_inside, 1, __ATOMIC_RELAXED);
         t = now_ns();
         if (work) gap_note(&e->app_work_ts, &e->app_gap, t);
@@ -2121,8 +2137,8 @@ static void *worker_main(void *arg) {
         int app_drives;
         if (__atomic_load_n(&e->stop, __ATOMIC_ACQUIRE)) break;
         t = now_ns();
-        /* the application's loop polls the NICs (and drains the records):
-         * stand back, but for the stall scans; if its polls stop for
+        /* the application's loop polls the NICs (drains the records and
+         * looks for stalls): stand back; if its polls stop for
          * ATX_APP_STALE_NS (its loop runs something long), progress for it */
         /* (inside a poll or post, an app thread may wait milliseconds: the
          * shm provider's post spins on the target's region lock while the
@@ -2131,12 +2147,12 @@ static void *worker_main(void *arg) {
         app_drives = __atomic_load_n(&e->app_polling, __ATOMIC_SEQ_CST) &&
                      (__atomic_load_n(&e->app_inside, __ATOMIC_RELAXED) ||
                       t - __atomic_load_n(&e->app_ts, __ATOMIC_RELAXED) < ATX_APP_STALE_NS);
-        if (app_drives && t - e->last_scan < ATX_STALL_SCAN_NS) {
+        if (app_drives) {
             worker_sleep(e, check_ns, 0);   /* woken when it stops polling */
             if (check_ns < ATX_APP_CHECK_MAX_NS) check_ns *= 2;
             continue;
         }
-        if (!app_drives) check_ns = ATX_APP_STALE_NS;
+        check_ns = ATX_APP_STALE_NS;
         if (pthread_mutex_trylock(&e->prog_lock) != 0) {
             /* the application is progressing inline right now; if its loop
              * polls, it drives (a poll can take a millisecond): sleep until
@@ -2147,19 +2163,13 @@ static void *worker_main(void *arg) {
         }
         /* one clock read a round (a spinning worker read it three times:
          * 8% of a shm target's time, in perf) */
-        work = app_drives ? 0 : progress_once_at(e, 64, t);
-        if (t - e->last_scan > ATX_STALL_SCAN_NS && (e->live || e->npeers)) {
-            scan_lanes(e, t);
-            scan_stalls(e, t);
-            post_pending(e);
-            batch_flush(e);
-        }
+        work = progress_once_at(e, 64, t);
+        scan_if_due(e, t);
         rec_notify_due(e, 0);
         app_ts = e->app_ts;
         busy = work_in_flight(e);
         pthread_mutex_unlock(&e->prog_lock);
 
-        if (app_drives) continue;
         if (work) {
             gap_note(&last_activity, &gap, t);
             sleep_ns = ATX_SLEEP_MIN_NS;
