@@ -40,6 +40,18 @@ def test_load_short(request, seed):
     _check(s, 6, 500)
 
 
+@pytest.mark.timeout(300)
+def test_load_shm_many_engines(request, seed):
+    """32 engines x 300 operations over shm, all-to-all, 16 processes a
+    core: with one endpoint per engine (session 4) writes stalled past the
+    5 s peer timeout under this load (246 of 34,568 immediates lost in a
+    32 x 500 run); two endpoints (the shm default) carry it."""
+    require_provider(request.config, "shm")
+    s = load.run(32, 300, provider="shm", region_kib=512, seed=seed % 100_000,
+                 stream=io.StringIO())
+    _check(s, 32, 300)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_load_full(request, seed):
