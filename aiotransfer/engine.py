@@ -429,8 +429,12 @@ class TransferEngine:
         self._tx_depth = _uint("tx_depth", tx_depth, 1 << 16)
         if endpoints is None:
             env = os.environ.get("AIOTRANSFER_ENDPOINTS")
-            endpoints = int(env) if env else \
-                PROVIDER_DEFAULTS.get(self.provider, {}).get("endpoints", 1)
+            try:
+                endpoints = int(env) if env else \
+                    PROVIDER_DEFAULTS.get(self.provider, {}).get("endpoints", 1)
+            except ValueError:
+                raise ValueError(f"$AIOTRANSFER_ENDPOINTS={env!r} must be an integer "
+                                 f"in [1, {MAX_NICS}]") from None
         self._endpoints = _uint("endpoints", endpoints)
         if not 1 <= self._endpoints <= MAX_NICS:
             raise ValueError(f"endpoints={endpoints} must be in [1, {MAX_NICS}]")

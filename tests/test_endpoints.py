@@ -132,3 +132,10 @@ def test_endpoint_bound_applies_to_nics_from_the_environment(monkeypatch):
     monkeypatch.setenv("AIOTRANSFER_NICS", "a,b")
     with pytest.raises(ValueError, match=r"2 NIC\(s\) x endpoints=9 is 18 endpoints"):
         aiotransfer.TransferEngine("tcp", endpoints=9)
+
+
+@pytest.mark.parametrize("value", ["two", "0", "17"])
+def test_endpoints_environment_is_checked(monkeypatch, value):
+    monkeypatch.setenv("AIOTRANSFER_ENDPOINTS", value)
+    with pytest.raises(ValueError, match="ENDPOINTS|endpoints"):
+        aiotransfer.TransferEngine("tcp", nics=["lo"])
