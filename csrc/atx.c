@@ -49,7 +49,6 @@
 #define ATX_BLOCK_MS 100              /* safety timer of a blocked worker */
 #define ATX_APP_QUIET_NS 20000ULL     /* app progressed this recently: let it drive */
 #define ATX_APP_STALE_NS 1000000ULL   /* an app that polls, silent this long: its loop is busy */
-#define ATX_APP_CHECK_MAX_NS 8000000ULL /* a worker standing back looks at least this often */
 #define ATX_GAP_CAP_NS 2000000ULL     /* a gap between completions counts at most this much... */
 #define ATX_GAP_WIN_MAX_NS 4000000ULL /* ...and keeps a poller polling at most this long */
 #define ATX_INFLIGHT_POLL_NS 50000000ULL /* the app's loop, work in flight: polls this long
@@ -2112,10 +2111,6 @@ static void *worker_main(void *arg) {
     atx_engine *e = arg;
     uint64_t last_activity = now_ns(), gap = 0;
     uint64_t sleep_ns = ATX_SLEEP_MIN_NS;
-    /* while the app drives, the worker looks whether its loop went stale
-     * after 1 ms, then 2, 4, up to 8 ms: a timer wake-up on a busy core
-     * preempts someone (on 2 cores, at 1 kHz: the shm target's copy) */
-    uint64_t check_ns = ATX_APP_STALE_NS;
     int any_fd = 1;
     for (int i = 0; i < e->nnics; i++)
         if (e->nics[i].cq_fd < 0) any_fd = 0;
@@ -2148,11 +2143,12 @@ static void *worker_main(void *arg) {
                      (__atomic_load_n(&e->app_inside, __ATOMIC_RELAXED) ||
                       t - __atomic_load_n(&e->app_ts, __ATOMIC_RELAXED) < ATX_APP_STALE_NS);
         if (app_drives) {
-            worker_sleep(e, check_ns, 0);   /* woken when it stops polling */
-            if (check_ns < ATX_APP_CHECK_MAX_NS) check_ns *= 2;
+            /* woken when it stops polling; else look again in 1 ms (a
+             * backoff to 8 ms, tried in session 5, seemed to cost tcp
+             * 256 KiB streams when a receiver's loop went stale) */
+            worker_sleep(e, ATX_APP_STALE_NS, 0);
             continue;
         }
-        check_ns = ATX_APP_STALE_NS;
         if (pthread_mutex_trylock(&e->prog_lock) != 0) {
             /* the application is progressing inline right now; if its loop
              * polls, it drives (a poll can take a millisecond): sleep until
