@@ -630,9 +630,9 @@ class TransferEngine:
         ``endpoint`` index."""
         core = self._core_or_closed()
         eps = self._endpoints
-        rows = [dict(core.stats(i), nic=n.name, endpoint=k)
-                for j, n in enumerate(self._nics) for k in range(eps)
-                for i in (j * eps + k,)]
+        # the core's NIC i is endpoint i % E of NIC i // E (as in start())
+        rows = [dict(core.stats(i), nic=self._nics[i // eps].name, endpoint=i % eps)
+                for i in range(len(self._nics) * eps)]
         if per_endpoint:
             return rows
         out = []
