@@ -9,6 +9,7 @@ reported as ratios.  Medians over --repeat runs.
     python benchmarks/bench_core.py                        # shm and tcp, full sweep
     python benchmarks/bench_core.py -p shm --quick         # a short smoke
     python benchmarks/bench_core.py --json out.json --plot out.png
+    python benchmarks/bench_core.py --only bw --style pipeline --repeat 15   # targets, tighter
 
 Targets (issue: core engine), on shm and tcp: bandwidth >= 0.95 of raw C
 from 64 KiB to 16 MiB; paged 8 B pages >= 0.8 of raw C's rate; one awaitable
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,9 +36,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # numpy's BLAS threads spin
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiotransfer.bench import Backend, Point  # noqa: E402
+from aiotransfer.bench.common import KIB, MIB, median_interval, paired_ratios  # noqa: E402
 from aiotransfer.bench.sweep import fmt_size, machine, reference_of, run_sweep  # noqa: E402
 
-KIB, MIB = 1 << 10, 1 << 20
 NAMES = {"tcp": "tcp;ofi_rxm", "udp": "udp;ofi_rxd", "shm": "shm", "sockets": "sockets"}
 SHORT = {v: k for k, v in NAMES.items()}
 UNITS = {"bw": "GB/s", "rate": "Mop/s", "lat": "us"}
@@ -44,11 +46,15 @@ UNITS = {"bw": "GB/s", "rate": "Mop/s", "lat": "us"}
 
 SINGLE = ("pipeline", "write")          # styles of single writes, bandwidth
 RATE = ("pipeline", "await", "write")    # ... and rate
+MODES = ("bw", "rate", "paged", "lat", "idle")   # --only
 
 
-def plan(providers: list[str], quick: bool) -> list[tuple[Point, list[str]]]:
+def plan(providers: list[str], quick: bool, only: tuple[str, ...] = MODES,
+         styles: tuple[str, ...] = RATE) -> list[tuple[Point, list[str]]]:
     """(point, [raw backend, aiotransfer backends...]) per provider; the paged
-    row pairs the C program's paged mode with write_paged (1024 pages per call)."""
+    row pairs the C program's paged mode with write_paged (1024 pages per call).
+    ``only``: the kinds of point to keep (MODES); ``styles``: the styles of
+    single writes to keep (bandwidth and rate points)."""
     if quick:
         pts = [(Point("bw", 64 * KIB, 64, 2000), SINGLE), (Point("rate", 8, 64, 20000), RATE),
                (Point("rate", 8, 4096, 100000, pages=1024), ("paged",)),
@@ -64,18 +70,48 @@ def plan(providers: list[str], quick: bool) -> list[tuple[Point, list[str]]]:
                 (Point("lat", 8, 1, 5000), ("write",))]
     out = []
     for prov in providers:
-        for point, styles in pts:
+        for point, kinds in pts:
+            kind = "paged" if kinds == ("paged",) else point.mode
+            if kind not in only:
+                continue
+            if kind in ("bw", "rate"):
+                kinds = tuple(st for st in kinds if st in styles)
+                if not kinds:
+                    continue
             if prov == "udp" and point.mode == "bw":
                 point = Point("bw", point.size, point.window, max(100, point.iters // 20))
-            aio = [f"aiotransfer:{prov}" + ("" if st == "write" else f":{st}") for st in styles]
+            aio = [f"aiotransfer:{prov}" + ("" if st == "write" else f":{st}") for st in kinds]
             out.append((point, [reference_of(aio[0])] + aio))
     return out
 
 
+def _paired(raw_runs: list, aio_runs: list, mode: str) -> dict | None:
+    """Median and 90% interval over the repeats of aiotransfer/raw C (latency:
+    aiotransfer - raw C in us), each repeat's two runs made back to back."""
+    if mode == "lat":
+        vals = [b - a for a, b in zip(raw_runs, aio_runs) if a is not None and b is not None]
+    else:
+        vals = paired_ratios(raw_runs, aio_runs)
+    if not vals:
+        return None
+    lo, hi, cov = median_interval(vals)
+    return {"median": statistics.median(vals), "lo": lo, "hi": hi, "coverage": cov,
+            "n": len(vals)}
+
+
+def _fmt_paired(p: dict | None, mode: str) -> str:
+    if p is None:
+        return "-"
+    if mode == "lat":
+        return f"+{p['median']:.1f} us ({p['lo']:+.1f}..{p['hi']:+.1f})"
+    return f"{p['median']:.2f} ({p['lo']:.2f}-{p['hi']:.2f})"
+
+
 def table(doc: dict) -> tuple[str, list[dict]]:
     rows = {(r["backend"], r["mode"], r["size"], r["window"]): r for r in doc["rows"]}
-    out = ["| provider | mode | size | window | raw C | aiotransfer | ratio | verified |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = ["| provider | mode | size | window | raw C | aiotransfer | ratio | paired (interval) "
+           "| verified |",
+           "|---|---|---|---|---|---|---|---|---|"]
     pairs = []
     for (spec, mode, size, window), aio in rows.items():
         b = Backend.parse(spec)
@@ -88,17 +124,59 @@ def table(doc: dict) -> tuple[str, list[dict]]:
             ratio = f"+{a_v - r_v:.1f} us" if r_v is not None and a_v is not None else "-"
         else:
             ratio = f"{a_v / r_v:.2f}" if r_v and a_v is not None else "-"
+        paired = _paired(raw["runs"], aio["runs"], mode) if raw else None
         label = (f"paged ({aio['pages']} pages/call)" if b.style == "paged"
                  else mode if b.style == "write" else f"{mode}, {b.style}")
         ok = aio["verified"] and raw is not None and raw["verified"]
         out.append(f"| {NAMES[b.transport]} | {label} | {fmt_size(size)} | {window} | "
                    f"{'-' if r_v is None else f'{r_v:.3g} {u}'} | "
                    f"{'-' if a_v is None else f'{a_v:.3g} {u}'} | {ratio} | "
-                   f"{'yes' if ok else 'NO'} |")
+                   f"{_fmt_paired(paired, mode)} | {'yes' if ok else 'NO'} |")
         pairs.append({"provider": NAMES[b.transport], "mode": mode, "style": b.style,
                       "size": size, "window": window, "raw": r_v, "aio": a_v,
+                      "paired": paired,
                       "raw_runs": raw and raw["runs"], "aio_runs": aio["runs"], "verified": ok})
     return "\n".join(out), pairs
+
+
+def targets(pairs: list[dict]) -> list[dict]:
+    """The core-engine issue's targets, judged on the paired medians (rate: on
+    aiotransfer's median) of the rows measured; a target with no row is left out."""
+    def find(prov: str, mode: str, style: str, size: int | None = None) -> list[dict]:
+        return [p for p in pairs if p["provider"] == NAMES[prov] and p["mode"] == mode
+                and p["style"] == style and (size is None or p["size"] == size)
+                and p["paired"] is not None]
+
+    out = []
+    for prov in ("shm", "tcp"):
+        for style in SINGLE:
+            bw = [p for p in find(prov, "bw", style) if 64 * KIB <= p["size"] <= 16 * MIB]
+            if bw:
+                short = [p for p in bw if p["paired"]["median"] < 0.95]
+                out.append({
+                    "target": f"{prov} bandwidth >= 0.95x raw C, 64 KiB-16 MiB ({style} style)",
+                    "measured": ", ".join(f"{fmt_size(p['size'])} {p['paired']['median']:.3f}"
+                                          for p in bw),
+                    "met": not short,
+                    "short": [fmt_size(p["size"]) for p in short]})
+        paged = find(prov, "rate", "paged")
+        if paged:
+            q = paged[0]["paired"]["median"]
+            out.append({"target": f"{prov} paged 8 B >= 0.8x raw C's rate",
+                        "measured": f"{q:.3f}", "met": q >= 0.8, "short": []})
+        lat = find(prov, "lat", "write")
+        if lat:
+            d = lat[0]["paired"]["median"]
+            out.append({"target": f"{prov} 8 B ping-pong within 10 us of raw C",
+                        "measured": f"+{d:.1f} us", "met": d <= 10, "short": []})
+    rate = [p for p in pairs if p["provider"] == "shm" and p["mode"] == "rate"
+            and p["size"] == 8 and p["style"] != "paged" and p["aio"] is not None]
+    if rate:
+        best = max(rate, key=lambda p: p["aio"])
+        out.append({"target": "shm >= 300,000 writes/s, one awaitable per write",
+                    "measured": ", ".join(f"{p['style']} {p['aio'] * 1e6:,.0f}/s" for p in rate),
+                    "met": best["aio"] >= 0.3, "short": []})
+    return out
 
 
 def plot(pairs: list[dict], path: str) -> None:
@@ -130,19 +208,32 @@ def plot(pairs: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-p", "--provider", action="append",
                     help="shm, tcp, sockets, udp (repeatable; default shm and tcp)")
     ap.add_argument("--quick", action="store_true", help="one short point per mode")
+    ap.add_argument("--only", default=",".join(MODES),
+                    help=f"kinds of point, comma-separated (default {','.join(MODES)})")
+    ap.add_argument("--style", default=",".join(RATE),
+                    help="styles of single writes for bw and rate points, comma-separated "
+                         f"(default {','.join(RATE)}; bandwidth has {', '.join(SINGLE)})")
     ap.add_argument("--repeat", type=int, default=5, help="runs per point (median)")
     ap.add_argument("--json", help="write the rows as JSON here")
     ap.add_argument("--plot", help="write a PNG plot of bandwidth vs size here")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     providers = [SHORT.get(p, p) for p in (a.provider or ["shm", "tcp"])]
+    only = tuple(x.strip() for x in a.only.split(",") if x.strip())
+    styles = tuple(x.strip() for x in a.style.split(",") if x.strip())
+    for name, got, allowed in (("--only", only, MODES), ("--style", styles, RATE)):
+        bad = [x for x in got if x not in allowed]
+        if bad or not got:
+            ap.error(f"{name}: {', '.join(bad) or 'nothing'} not among {', '.join(allowed)}")
+    if a.repeat < 1:
+        ap.error(f"--repeat must be >= 1, got {a.repeat}")
     t0 = time.time()
-    points = plan(providers, a.quick)
-    idle = [f"aiotransfer:{p}" for p in providers]
+    points = plan(providers, a.quick, only, styles)
+    idle = [f"aiotransfer:{p}" for p in providers] if "idle" in only else []
     selected = [s for _, specs in points for s in specs] + idle
     doc = run_sweep(points, selected, a.repeat, idle=idle, idle_seconds=5.0, timeout=300)
     m = machine()
@@ -152,12 +243,24 @@ def main() -> int:
         print(f"{spec}: unavailable: {reason}")
     text, pairs = table(doc)
     print(text)
+    print("\nratio: median over median; paired: the median over the repeats of "
+          "aiotransfer/raw C, each repeat's two runs back to back (latency: the difference), "
+          "with its distribution-free 90% interval (all runs when fewer than 5)")
+    goals = targets(pairs)
+    if goals:
+        print("\ntargets (core-engine issue, on the paired medians):")
+        for t in goals:
+            verdict = "met" if t["met"] else f"MISSED ({', '.join(t['short'])})" \
+                if t["short"] else "MISSED"
+            print(f"  {t['target']}: {t['measured']}: {verdict}")
     idle_pct = {NAMES[s.split(":")[1]]: v for s, v in doc["idle_cpu_percent"].items()}
-    print("\nidle engine (5 s, /proc/<pid>/stat): " +
-          ", ".join(f"{p} {v:.2f}% of a core" for p, v in idle_pct.items() if v is not None))
+    if idle_pct:
+        print("\nidle engine (5 s, /proc/<pid>/stat): " +
+              ", ".join(f"{p} {v:.2f}% of a core" for p, v in idle_pct.items() if v is not None))
     if a.json:
-        Path(a.json).write_text(json.dumps({"rows": pairs, "idle_cpu_percent": idle_pct,
-                                            "when": time.ctime(), "machine": m}, indent=1))
+        Path(a.json).write_text(json.dumps(
+            {"rows": pairs, "targets": goals, "idle_cpu_percent": idle_pct,
+             "repeat": a.repeat, "when": time.ctime(), "machine": m}, indent=1))
     if a.plot:
         plot(pairs, a.plot)
     return 0 if pairs and all(p["verified"] for p in pairs) else 1

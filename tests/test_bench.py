@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
+import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from aiotransfer.bench import Backend, Point
-from aiotransfer.bench.common import pattern, summarize, verify_region
+from aiotransfer.bench.common import (median_interval, paired_ratios, pattern, summarize,
+                                      verify_region)
 from aiotransfer.bench.sweep import check_targets, main, report
 
 SMOKE = ["aiotransfer:tcp", "aiotransfer:shm", "raw:tcp", "raw:shm",
@@ -117,3 +121,112 @@ def test_targets_and_report():
     doc["targets"] = check_targets(doc)
     text = report(doc)
     assert "| 1 MiB | 16 |" in text and "2.50" in text
+
+
+def test_paired_ratios_pair_runs_by_repeat():
+    # a run that failed (None) or a reference of 0 drops only its own pair
+    assert paired_ratios([2.0, 4.0, None, 0.0, 5.0], [1.0, 4.4, 3.0, 1.0, None]) == [0.5, 1.1]
+    assert paired_ratios([], []) == []
+
+
+def test_median_interval_coverage_and_order_statistics():
+    with pytest.raises(ValueError, match="no samples"):
+        median_interval([])
+    with pytest.raises(ValueError, match="level"):
+        median_interval([1.0], level=1.0)
+    assert median_interval([3.0]) == (3.0, 3.0, 0.0)
+    # 5 samples: only (min, max) reaches 90% (1 - 2/32)
+    assert median_interval([5, 1, 4, 2, 3]) == (1, 5, 1 - 2 / 32)
+    rng = random.Random(5)
+    for n in range(1, 40):
+        xs = [rng.random() for _ in range(n)]
+        lo, hi, cov = median_interval(xs)
+        ys = sorted(xs)
+        k = ys.index(lo) + 1
+        assert ys[n - k] == hi and lo <= hi
+        tail = lambda j: sum(math.comb(n, i) for i in range(j)) / 2 ** n  # noqa: E731
+        assert cov == pytest.approx(1 - 2 * tail(k))
+        if n >= 5:
+            assert cov >= 0.9
+            # the next narrower interval would fall below the level
+            if k + 1 <= (n + 1) // 2:
+                assert 1 - 2 * tail(k + 1) < 0.9
+        else:
+            assert (lo, hi) == (ys[0], ys[-1])
+
+
+def _bench_core():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_core.py"
+    spec = importlib.util.spec_from_file_location("bench_core", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_core_plan_filters():
+    bc = _bench_core()
+    full = bc.plan(["shm", "tcp"], False)
+    kinds = {(p.mode, p.pages is not None) for p, _ in full}
+    assert kinds == {("bw", False), ("rate", False), ("rate", True), ("lat", False)}
+    bw = bc.plan(["shm"], False, ("bw",), ("pipeline",))
+    assert bw and all(p.mode == "bw" and specs == ["raw:shm", "aiotransfer:shm:pipeline"]
+                      for p, specs in bw)
+    assert [p.size for p, _ in bw] == [4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20]
+    paged = bc.plan(["tcp"], False, ("paged",))
+    assert [(p.pages, specs) for p, specs in paged] == [(1024, ["raw:tcp:paged", "aiotransfer:tcp:paged"])]
+    # the style filter leaves paged and latency points alone
+    assert len(bc.plan(["shm"], False, ("paged", "lat"), ("await",))) == 2
+
+
+def test_bench_core_targets_on_paired_medians():
+    bc = _bench_core()
+    kib, mib = 1 << 10, 1 << 20
+
+    def row(prov, mode, style, size, raw_runs, aio_runs):
+        aio = sorted(aio_runs)[len(aio_runs) // 2]
+        return {"provider": bc.NAMES[prov], "mode": mode, "style": style, "size": size,
+                "window": 64,
+                "raw": None, "aio": aio, "paired": bc._paired(raw_runs, aio_runs, mode)}
+
+    # shm 16 MiB: median over median gives 0.98, but run by run aiotransfer
+    # is 0.9 of the C program it ran next to in four repeats of five
+    pairs = [row("shm", "bw", "pipeline", s, [10.0] * 5, [10.0] * 5)
+             for s in (64 * kib, 256 * kib, mib, 4 * mib)]
+    pairs.append(row("shm", "bw", "pipeline", 16 * mib, [9, 10, 11, 12, 13],
+                     [11.7, 9.0, 9.9, 10.8, 11.7]))
+    pairs.append(row("shm", "bw", "pipeline", 4 * kib, [10.0] * 3, [1.0] * 3))  # not a target
+    pairs += [row("tcp", "bw", "pipeline", s, [2.0] * 3, [2.0] * 3) for s in (64 * kib, mib)]
+    pairs.append(row("tcp", "rate", "paged", 8, [1.0, 1.0, 1.0], [0.79, 0.81, 0.85]))
+    pairs.append(row("shm", "lat", "write", 8, [1.0, 2.0, 1.5], [11.5, 13.0, 12.5]))
+    pairs.append(row("shm", "rate", "pipeline", 8, [1.0] * 3, [0.31, 0.29, 0.35]))
+    pairs.append(row("shm", "rate", "await", 8, [1.0] * 3, [0.2] * 3))
+    t = {x["target"]: x for x in bc.targets(pairs)}
+    shm = t["shm bandwidth >= 0.95x raw C, 64 KiB-16 MiB (pipeline style)"]
+    assert shm["met"] is False and shm["short"] == ["16 MiB"]
+    assert shm["measured"].startswith("64 KiB 1.000,") and "16 MiB 0.900" in shm["measured"]
+    assert t["tcp bandwidth >= 0.95x raw C, 64 KiB-16 MiB (pipeline style)"]["met"] is True
+    paged = t["tcp paged 8 B >= 0.8x raw C's rate"]
+    assert paged["met"] is True and paged["measured"] == "0.810"   # median over median: 0.81
+    lat = t["shm 8 B ping-pong within 10 us of raw C"]
+    assert lat["met"] is False and lat["measured"] == "+11.0 us"
+    rate = t["shm >= 300,000 writes/s, one awaitable per write"]
+    assert rate["met"] is True and "pipeline 310,000/s" in rate["measured"]
+    assert not any("write style" in k for k in t)      # no row, no verdict
+
+
+@pytest.mark.timeout(90)
+def test_bench_core_cli_tiny(tmp_path, capsys):
+    if Backend.parse("raw:shm").unavailable():
+        pytest.skip(f"raw C reference unavailable: {Backend.parse('raw:shm').unavailable()}")
+    bc = _bench_core()
+    out = tmp_path / "core.json"
+    assert bc.main(["-p", "shm", "--quick", "--only", "bw", "--style", "pipeline",
+                    "--repeat", "2", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    (r,) = doc["rows"]
+    assert r["verified"] and r["style"] == "pipeline" and r["paired"]["n"] == 2
+    assert doc["targets"][0]["measured"].startswith("64 KiB ")
+    assert "paired (interval)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bc.main(["--only", "bw,speed"])
+    assert "--only: speed not among" in capsys.readouterr().err

@@ -168,6 +168,40 @@ def percentile(sorted_vals: list[float], q: float) -> float:
     return sorted_vals[k]
 
 
+def paired_ratios(ref_runs: list, runs: list) -> list[float]:
+    """``runs[i] / ref_runs[i]`` for every repeat where both measured something.
+
+    The harness runs the backends of a point alternately, so run ``i`` of
+    each was made within seconds of the other: the ratio of a pair cancels
+    the machine's slow minutes, which move both alike."""
+    return [b / a for a, b in zip(ref_runs, runs) if a and b is not None]
+
+
+def median_interval(vals: list[float], level: float = 0.9) -> tuple[float, float, float]:
+    """Distribution-free confidence interval of the median: ``(lo, hi, coverage)``.
+
+    The interval is the k-th smallest to the k-th largest sample, k the largest
+    for which the interval covers the true median with probability >= level
+    (binomial, p = 1/2).  Below the sample count where even (min, max) reaches
+    the level (5 samples for 0.9), it is (min, max) with its smaller coverage.
+    """
+    if not vals:
+        raise ValueError("no samples")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    xs = sorted(vals)
+    n = len(xs)
+
+    def coverage(k: int) -> float:   # P(x_(k) <= median <= x_(n-k+1)), k from 1
+        tail = sum(math.comb(n, i) for i in range(k)) / 2 ** n
+        return 1 - 2 * tail
+
+    k = 1
+    while k + 1 <= (n + 1) // 2 and coverage(k + 1) >= level:
+        k += 1
+    return xs[k - 1], xs[n - k], coverage(k)
+
+
 # ------------------------------------------------------------------ runner
 
 def _child(fn: Callable, peer, result, env: dict, cfg: dict, log: str | None) -> None:
