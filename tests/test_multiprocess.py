@@ -188,3 +188,38 @@ async def test_cross_process_target_goes_away_mid_flight(make_engine, children, 
     results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 30)
     assert all(r is None or isinstance(r, TransferError) for r in results), \
         {type(r).__name__ for r in results}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_cross_process_target_killed_at_random_moments(make_engine, children, provider,
+                                                             rng):
+    """Soak of the kill above: five times, a burst of 5,000 writes of 64 KiB
+    (more than the provider queues take, so the engine still holds some when
+    the target dies) and the target SIGKILLed at a random moment of it.  Every
+    write ends, completed or with a TransferError, within the peer timeout
+    plus a margin: nothing spins on a lock the dead process held (shm's
+    region lock) and nothing stays pending."""
+    size, slots = 64 * KiB, 64
+    for trial in range(5):
+        writer = await make_engine(provider, peer_timeout=2.0)
+        plan = {"regions": [size * slots], "fill_seed": 1, "src_seed": 2, "src_size": 1,
+                "placements": [], "imms": {}, "messages": [], "parent_address": writer.address}
+        proc, conn = children.start(peers.receiver_main, provider, plan)
+        try:
+            address, descs = await expect(conn, "ready")
+            smr = writer.register(random_bytes(rng, size * slots))
+            await writer.write(smr, descs[0], length=size)
+            futs = [writer.write(smr, descs[0], length=size, src_offset=(i % slots) * size,
+                                 dst_offset=(i % slots) * size, imm=5) for i in range(5000)]
+            await asyncio.sleep(float(rng.uniform(0, 0.05)))
+            proc.kill()
+            await join(proc)
+        finally:
+            if provider == "shm":
+                remove_shm_leftovers(proc.pid)
+        results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 60)
+        bad = {type(r).__name__ for r in results if not (r is None or
+                                                        isinstance(r, TransferError))}
+        assert not bad, f"trial {trial}: {bad}"
+        await asyncio.wait_for(writer.close(), 30)
