@@ -85,6 +85,7 @@ cdef extern from "atx.h" nogil:
         uint64_t msgs_bad
         uint64_t lanes_down
         uint64_t wrs_resent
+        uint64_t locks_released
 
     int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t errlen)
     int atx_engine_notify_fd(atx_engine *e)

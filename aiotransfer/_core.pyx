@@ -205,7 +205,8 @@ cdef class CoreEngine:
                 "polls": s.polls, "imms_dropped": s.imms_dropped,
                 "inflight_bytes": s.inflight_bytes, "weight": s.weight,
                 "imms_duplicate": s.imms_duplicate, "msgs_bad": s.msgs_bad,
-                "lanes_down": s.lanes_down, "wrs_resent": s.wrs_resent}
+                "lanes_down": s.lanes_down, "wrs_resent": s.wrs_resent,
+                "locks_released": s.locks_released}
 
     def set_weight(self, int nic, uint64_t weight):
         """NIC `nic`'s share in the selector; 0 stops choosing it."""

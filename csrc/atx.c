@@ -18,6 +18,7 @@
  */
 #define _GNU_SOURCE
 #include "atx.h"
+#include "shm_unstick.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -53,6 +54,7 @@
 #define ATX_GAP_WIN_MAX_NS 4000000ULL /* ...and keeps a poller polling at most this long */
 #define ATX_INFLIGHT_POLL_NS 50000000ULL /* the app's loop, work in flight: polls this long
                                            * after the last completion */
+#define ATX_STUCK_NS 50000000ULL      /* a post inside the provider this long: see shm_unstick.c */
 #define ATX_DRAIN_NS 2000000000ULL    /* close: wait this long for posted requests */
 #define ATX_COALESCE_NS 25000ULL      /* hold a wake-up back at most this long */
 #define ATX_COALESCE_MAX 64           /* ...or until this many records wait */
@@ -254,6 +256,10 @@ struct atx_engine {
      * thread hop), polling the CQ only when the provider pushes back. */
     pthread_mutex_t prog_lock;
     uint64_t app_ts;                   /* last inline progress by the app */
+    uint64_t post_since;               /* a thread is inside a post since (0: none) */
+    uint64_t unstick_at;               /* last look for dead shm lock holders */
+    int is_shm;                        /* the shm provider (its posts can spin on a peer) */
+    int watched;                       /* in the shm watch's list */
     int dead;                          /* endpoints closed: no more posting */
 
     /* the worker's sleep: it announces it (seq_cst) and re-checks
@@ -640,6 +646,105 @@ static int op_targets_valid(const atx_engine *e, const atx_op *op) {
     default:
         return 0;
     }
+}
+
+/* shm engines' posts can spin for ever on the region lock of a peer that
+ * died holding it (see shm_unstick.c); whichever thread of the engine is
+ * inside that post (the app's or the worker) cannot get out by itself.  One
+ * watch thread per process looks, every ATX_STUCK_NS, at the shm engines
+ * that are open, and for one whose post has been inside the provider for
+ * ATX_STUCK_NS, releases the locks of dead owners.  It runs while a shm
+ * engine is open (20 wake-ups a second) and exits with the last one. */
+static pthread_mutex_t g_watch_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_watch_cond = PTHREAD_COND_INITIALIZER;
+static atx_engine **g_watch;                 /* open shm engines */
+static size_t g_watch_n, g_watch_cap;
+static int g_watch_running;
+
+static void unstick_if_stuck(atx_engine *e, uint64_t t) {
+    uint64_t since = __atomic_load_n(&e->post_since, __ATOMIC_RELAXED);
+    int n;
+    if (!since || t < since + ATX_STUCK_NS || t < e->unstick_at + ATX_STUCK_NS) return;
+    e->unstick_at = t;
+    n = atx_shm_unstick(NULL);
+    if (n) __atomic_add_fetch(&e->nics[0].stats.locks_released, (uint64_t)n, __ATOMIC_RELAXED);
+}
+
+static void *watch_main(void *arg) {
+    (void)arg;
+    pthread_setname_np(pthread_self(), "atx-shm-watch");
+    pthread_mutex_lock(&g_watch_lock);
+    while (g_watch_n > 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        ts.tv_nsec += (long)ATX_STUCK_NS;
+        if (ts.tv_nsec >= 1000000000L) {
+            ts.tv_sec++;
+            ts.tv_nsec -= 1000000000L;
+        }
+        pthread_cond_timedwait(&g_watch_cond, &g_watch_lock, &ts);
+        for (size_t i = 0; i < g_watch_n; i++) unstick_if_stuck(g_watch[i], now_ns());
+    }
+    g_watch_running = 0;
+    pthread_mutex_unlock(&g_watch_lock);
+    return NULL;
+}
+
+/* fork: the lock is held across it, and the child, which has no watch
+ * thread and only copies of the parent's engines, starts with none */
+static void watch_before_fork(void) { pthread_mutex_lock(&g_watch_lock); }
+static void watch_parent_fork(void) { pthread_mutex_unlock(&g_watch_lock); }
+static void watch_child_fork(void) {
+    g_watch_n = 0;
+    g_watch_running = 0;
+    pthread_mutex_unlock(&g_watch_lock);
+}
+
+static void watch_atfork(void) {
+    pthread_atfork(watch_before_fork, watch_parent_fork, watch_child_fork);
+}
+
+/* Watch shm engine e (0, or an errno). */
+static int watch_add(atx_engine *e) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    int rc = 0;
+    pthread_once(&once, watch_atfork);
+    pthread_mutex_lock(&g_watch_lock);
+    if (g_watch_n == g_watch_cap) {
+        size_t cap = g_watch_cap ? g_watch_cap * 2 : 8;
+        atx_engine **w = realloc(g_watch, cap * sizeof(*w));
+        if (!w) {
+            pthread_mutex_unlock(&g_watch_lock);
+            return ENOMEM;
+        }
+        g_watch = w;
+        g_watch_cap = cap;
+    }
+    g_watch[g_watch_n++] = e;
+    if (!g_watch_running) {
+        pthread_attr_t attr;
+        pthread_t th;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        rc = pthread_create(&th, &attr, watch_main, NULL);
+        pthread_attr_destroy(&attr);
+        if (rc) g_watch_n--;
+        else g_watch_running = 1;
+    }
+    pthread_mutex_unlock(&g_watch_lock);
+    return rc;
+}
+
+static void watch_remove(atx_engine *e) {
+    pthread_mutex_lock(&g_watch_lock);
+    for (size_t i = 0; i < g_watch_n; i++) {
+        if (g_watch[i] == e) {
+            g_watch[i] = g_watch[--g_watch_n];
+            break;
+        }
+    }
+    pthread_cond_signal(&g_watch_cond);   /* the last one gone: the watch exits */
+    pthread_mutex_unlock(&g_watch_lock);
 }
 
 static int submit(atx_engine *e, atx_op *op) {
@@ -1344,7 +1449,9 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
         }
         if (op->msg_mr) desc = fi_mr_desc(op->msg_mr);
         c = ctx_get(n);
+        __atomic_store_n(&e->post_since, e->now | 1, __ATOMIC_RELAXED);
         rc = (int)fi_send(n->ep, op->msg, op->msglen, desc, fa, c);
+        __atomic_store_n(&e->post_since, 0, __ATOMIC_RELAXED);
     } else {
         struct fi_msg_rma msg;
         struct iovec iov;
@@ -1389,7 +1496,10 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
         msg.rma_iov_count = 1;
         msg.context = c;
         msg.data = data;
+        /* (a shm post spins on the peer's region lock: see shm_unstick.c) */
+        __atomic_store_n(&e->post_since, e->now | 1, __ATOMIC_RELAXED);
         rc = (int)fi_writemsg(n->ep, &msg, flags);
+        __atomic_store_n(&e->post_since, 0, __ATOMIC_RELAXED);
     }
     if (rc) {
         ctx_put(n, c);
@@ -1843,7 +1953,9 @@ static void lane_probe(atx_engine *e, uint64_t pi, int l) {
     int rc;
     if (!n->tx_free || n->pub.mr_local) return;   /* (mr_local: no descriptor for it) */
     c = ctx_get(n);
+    __atomic_store_n(&e->post_since, e->now | 1, __ATOMIC_RELAXED);
     rc = (int)fi_send(n->ep, &probe, 1, NULL, p->fa[l][p->route[l][0]], c);
+    __atomic_store_n(&e->post_since, 0, __ATOMIC_RELAXED);
     if (rc) {
         ctx_put(n, c);
         return;
@@ -2407,6 +2519,7 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     e->cfg = *cfg;
     e->ndoms = ndom;
     snprintf(e->provider, sizeof(e->provider), "%s", cfg->provider);
+    e->is_shm = strcmp(e->provider, "shm") == 0;
     e->cfg.provider = e->provider;
     memset(e->cfg.domains, 0, sizeof(e->cfg.domains));
     e->cfg.ndomains = 0;
@@ -2478,6 +2591,12 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
         return -FI_EOTHER;
     }
     e->thread_started = 1;
+    if (e->is_shm && (rc = watch_add(e)) != 0) {
+        snprintf(err, errlen, "starting the shm watch thread: %s", strerror(rc));
+        atx_engine_destroy(e);
+        return -FI_EOTHER;
+    }
+    e->watched = e->is_shm;
     *out = e;
     return 0;
 }
@@ -2507,7 +2626,8 @@ void atx_engine_stop(atx_engine *e) {
 
 void atx_engine_destroy(atx_engine *e) {
     if (!e) return;
-    atx_engine_stop(e);
+    atx_engine_stop(e);   /* (the watch can still free a worker stuck in a post) */
+    if (e->watched) watch_remove(e);
     pthread_mutex_lock(&g_lifecycle_lock);
     for (int i = 0; i < ATX_MAX_NICS; i++) close_nic(&e->nics[i]);
     pthread_mutex_unlock(&g_lifecycle_lock);

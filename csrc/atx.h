@@ -203,6 +203,7 @@ typedef struct atx_stats {
     uint64_t msgs_bad;        /* malformed or unknown control messages: dropped */
     uint64_t lanes_down;      /* times a lane to a peer was declared down (failover) */
     uint64_t wrs_resent;      /* work requests posted again over another lane */
+    uint64_t locks_released;  /* shm: peer region locks left taken by a dead process, freed */
     uint64_t inflight_bytes;  /* payload posted on this NIC, not yet completed */
     uint64_t weight;          /* the NIC's share in the selector */
 } atx_stats;

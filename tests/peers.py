@@ -340,6 +340,60 @@ async def _writer(conn, provider: str, how: str, seed: int) -> None:
         await engine.close()
 
 
+# ------------------------------------------------- a shm target dying locked
+
+#: libfabric 1.17's shm region head (include/ofi_shm.h, SMR_VERSION 4): the
+#: version byte at 0, the owner's pid at 4, the pthread spin lock at 24
+SMR117_VERSION, SMR117_PID_OFFSET, SMR117_LOCK_OFFSET = 4, 4, 24
+
+
+def locked_target_main(conn) -> None:
+    """Child: a shm engine with one region; on "lock" it takes the spin locks
+    of its own endpoints' shm regions, as its progress does while it copies,
+    reports how many, and waits to be SIGKILLed holding them."""
+    _child_setup()
+    try:
+        asyncio.run(_locked_target(conn))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.send(("error", traceback.format_exc()))
+        raise
+
+
+async def _locked_target(conn) -> None:
+    import ctypes
+    import mmap
+    import struct
+
+    libc = ctypes.CDLL(None)
+    maps = []
+
+    async with aiotransfer.TransferEngine(provider="shm") as engine:
+        buf = np.zeros(MiB, np.uint8)
+        mr = engine.register(buf)
+        conn.send(("ready", engine.address, [mr.descriptor]))
+        kind, *_ = await pipe_recv(conn)
+        assert kind == "lock", kind
+        locked = []
+        for name in sorted(os.listdir("/dev/shm")):
+            if not name.startswith(f"{os.getpid()}:"):
+                continue
+            with open(os.path.join("/dev/shm", name), "r+b") as f:
+                m = mmap.mmap(f.fileno(), 4096)
+            version = m[0]
+            (pid,) = struct.unpack_from("i", m, SMR117_PID_OFFSET)
+            assert (version, pid) == (SMR117_VERSION, os.getpid()), \
+                f"{name}: not a libfabric 1.17 shm region head ({version}, {pid})"
+            # take it as the provider does (glibc: on x86-64 a free lock is 1)
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(m)) + SMR117_LOCK_OFFSET
+            assert libc.pthread_spin_trylock(ctypes.c_void_p(addr)) == 0, f"{name}: lock taken"
+            assert libc.pthread_spin_trylock(ctypes.c_void_p(addr)) != 0, f"{name}: not locked"
+            maps.append(m)
+            locked.append(name)
+        conn.send(("locked", locked))
+        await asyncio.sleep(STEP_TIMEOUT)   # the parent kills us meanwhile
+
+
 # ------------------------------------------------------ isolated scenarios
 
 def isolated_main(conn, name: str, args: tuple) -> None:
