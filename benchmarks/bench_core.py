@@ -142,10 +142,9 @@ def table(doc: dict) -> tuple[str, list[dict]]:
 def targets(pairs: list[dict]) -> list[dict]:
     """The core-engine issue's targets, judged on the paired medians (rate: on
     aiotransfer's median) of the rows measured; a target with no row is left out."""
-    def find(prov: str, mode: str, style: str, size: int | None = None) -> list[dict]:
+    def find(prov: str, mode: str, style: str) -> list[dict]:
         return [p for p in pairs if p["provider"] == NAMES[prov] and p["mode"] == mode
-                and p["style"] == style and (size is None or p["size"] == size)
-                and p["paired"] is not None]
+                and p["style"] == style and p["paired"] is not None]
 
     out = []
     for prov in ("shm", "tcp"):

@@ -259,7 +259,6 @@ struct atx_engine {
     uint64_t post_since;               /* a thread is inside a post since (0: none) */
     uint64_t unstick_at;               /* last look for dead shm lock holders */
     int is_shm;                        /* the shm provider (its posts can spin on a peer) */
-    int watched;                       /* in the shm watch's list */
     int dead;                          /* endpoints closed: no more posting */
 
     /* the worker's sleep: it announces it (seq_cst) and re-checks
@@ -661,12 +660,20 @@ static atx_engine **g_watch;                 /* open shm engines */
 static size_t g_watch_n, g_watch_cap;
 static int g_watch_running;
 
+/* Around every post: the watch's view of a post that does not return. */
+static inline void post_enter(atx_engine *e) {
+    __atomic_store_n(&e->post_since, e->now | 1, __ATOMIC_RELAXED);   /* never 0 */
+}
+static inline void post_exit(atx_engine *e) {
+    __atomic_store_n(&e->post_since, 0, __ATOMIC_RELAXED);
+}
+
 static void unstick_if_stuck(atx_engine *e, uint64_t t) {
     uint64_t since = __atomic_load_n(&e->post_since, __ATOMIC_RELAXED);
     int n;
     if (!since || t < since + ATX_STUCK_NS || t < e->unstick_at + ATX_STUCK_NS) return;
     e->unstick_at = t;
-    n = atx_shm_unstick(NULL);
+    n = atx_shm_unstick();
     if (n) __atomic_add_fetch(&e->nics[0].stats.locks_released, (uint64_t)n, __ATOMIC_RELAXED);
 }
 
@@ -1449,9 +1456,9 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
         }
         if (op->msg_mr) desc = fi_mr_desc(op->msg_mr);
         c = ctx_get(n);
-        __atomic_store_n(&e->post_since, e->now | 1, __ATOMIC_RELAXED);
+        post_enter(e);
         rc = (int)fi_send(n->ep, op->msg, op->msglen, desc, fa, c);
-        __atomic_store_n(&e->post_since, 0, __ATOMIC_RELAXED);
+        post_exit(e);
     } else {
         struct fi_msg_rma msg;
         struct iovec iov;
@@ -1497,9 +1504,9 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
         msg.context = c;
         msg.data = data;
         /* (a shm post spins on the peer's region lock: see shm_unstick.c) */
-        __atomic_store_n(&e->post_since, e->now | 1, __ATOMIC_RELAXED);
+        post_enter(e);
         rc = (int)fi_writemsg(n->ep, &msg, flags);
-        __atomic_store_n(&e->post_since, 0, __ATOMIC_RELAXED);
+        post_exit(e);
     }
     if (rc) {
         ctx_put(n, c);
@@ -1953,9 +1960,9 @@ static void lane_probe(atx_engine *e, uint64_t pi, int l) {
     int rc;
     if (!n->tx_free || n->pub.mr_local) return;   /* (mr_local: no descriptor for it) */
     c = ctx_get(n);
-    __atomic_store_n(&e->post_since, e->now | 1, __ATOMIC_RELAXED);
+    post_enter(e);
     rc = (int)fi_send(n->ep, &probe, 1, NULL, p->fa[l][p->route[l][0]], c);
-    __atomic_store_n(&e->post_since, 0, __ATOMIC_RELAXED);
+    post_exit(e);
     if (rc) {
         ctx_put(n, c);
         return;
@@ -2596,7 +2603,6 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
         atx_engine_destroy(e);
         return -FI_EOTHER;
     }
-    e->watched = e->is_shm;
     *out = e;
     return 0;
 }
@@ -2627,7 +2633,7 @@ void atx_engine_stop(atx_engine *e) {
 void atx_engine_destroy(atx_engine *e) {
     if (!e) return;
     atx_engine_stop(e);   /* (the watch can still free a worker stuck in a post) */
-    if (e->watched) watch_remove(e);
+    if (e->is_shm) watch_remove(e);   /* (not listed, if create failed: a no-op) */
     pthread_mutex_lock(&g_lifecycle_lock);
     for (int i = 0; i < ATX_MAX_NICS; i++) close_nic(&e->nics[i]);
     pthread_mutex_unlock(&g_lifecycle_lock);

@@ -103,10 +103,10 @@ static pthread_spinlock_t *dead_owner_lock(uintptr_t lo, uintptr_t hi, const cha
     return &((struct smr117_head *)lo)->lock;
 }
 
-int atx_shm_unstick(int *found) {
+int atx_shm_unstick(void) {
     FILE *f = fopen("/proc/self/maps", "re");
     char line[4096 + 128];
-    int released = 0, seen = 0;
+    int released = 0;
     if (!f) return 0;
     while (fgets(line, sizeof(line), f)) {
         uintptr_t lo, hi;
@@ -123,13 +123,11 @@ int atx_shm_unstick(int *found) {
         if (end) *end = 0;
         lock = dead_owner_lock(lo, hi, path);
         if (!lock) continue;
-        seen++;
         /* through glibc's own calls: what "taken" and "free" are is the
          * platform's business (x86-64: 1 is free, the lock decrements) */
         if (pthread_spin_trylock(lock) != 0) released++;
         pthread_spin_unlock(lock);
     }
     fclose(f);
-    if (found) *found = seen;
     return released;
 }

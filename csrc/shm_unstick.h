@@ -7,9 +7,8 @@ extern "C" {
 #endif
 
 /* Release every taken lock of a mapped 1.17 shm peer region whose owner
- * process no longer exists.  Returns the number released; *found (if not
- * NULL) gets the number of such dead-owner regions mapped here. */
-int atx_shm_unstick(int *found);
+ * process no longer exists.  Returns the number released. */
+int atx_shm_unstick(void);
 
 #ifdef __cplusplus
 }
