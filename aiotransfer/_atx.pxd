@@ -35,6 +35,7 @@ cdef extern from "atx.h" nogil:
         size_t nic_budget
         uint64_t peer_timeout_ns
         int endpoints
+        int copy_lane
 
     ctypedef struct atx_nic_info:
         char name[64]
@@ -55,6 +56,7 @@ cdef extern from "atx.h" nogil:
         int delivery_complete
         int data_progress_manual
         int endpoint
+        int copy_lane
 
     ctypedef struct atx_engine:
         pass
@@ -86,6 +88,7 @@ cdef extern from "atx.h" nogil:
         uint64_t lanes_down
         uint64_t wrs_resent
         uint64_t locks_released
+        uint64_t wrs_copied
 
     int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t errlen)
     int atx_engine_notify_fd(atx_engine *e)

@@ -105,10 +105,11 @@ cdef class CoreEngine:
                  size_t msg_size=65536, int msg_count=64, int cpu=-1, size_t max_chunk=0,
                  size_t tx_depth=0, bint wait_fd=True, size_t stripe=0, size_t nic_budget=0,
                  double peer_timeout=0, uint64_t engine_id=0, double failover=0,
-                 int endpoints=1):
+                 int endpoints=1, bint copy_lane=False):
         """domains: None (the provider's first NIC), a name, or a list of names.
         endpoints: endpoints opened on each of them; NIC d's endpoint k is
-        core NIC d * endpoints + k."""
+        core NIC d * endpoints + k.  copy_lane: shm with two or more
+        endpoints: endpoint 0 of each NIC copies its writes in this process."""
         cdef atx_config cfg
         cdef char err[256]
         cdef bytes prov_b = provider.encode()
@@ -137,6 +138,7 @@ cdef class CoreEngine:
         cfg.max_chunk = max_chunk
         cfg.tx_depth = tx_depth
         cfg.endpoints = endpoints
+        cfg.copy_lane = copy_lane
         cfg.no_wait_fd = not wait_fd
         err[0] = 0
         with nogil:
@@ -184,7 +186,7 @@ cdef class CoreEngine:
             "rx_cq_data": bool(n.rx_cq_data), "mr_endpoint": bool(n.mr_endpoint),
             "delivery_complete": bool(n.delivery_complete),
             "data_progress_manual": bool(n.data_progress_manual),
-            "endpoint": n.endpoint,
+            "endpoint": n.endpoint, "copy_lane": bool(n.copy_lane),
         }
 
     def getname(self, int nic):
@@ -206,7 +208,7 @@ cdef class CoreEngine:
                 "inflight_bytes": s.inflight_bytes, "weight": s.weight,
                 "imms_duplicate": s.imms_duplicate, "msgs_bad": s.msgs_bad,
                 "lanes_down": s.lanes_down, "wrs_resent": s.wrs_resent,
-                "locks_released": s.locks_released}
+                "locks_released": s.locks_released, "wrs_copied": s.wrs_copied}
 
     def set_weight(self, int nic, uint64_t weight):
         """NIC `nic`'s share in the selector; 0 stops choosing it."""

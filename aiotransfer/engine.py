@@ -47,10 +47,11 @@ Destination = Union[RemoteRegion, bytes, bytearray, memoryview]
 #: its CQ wait fd does not wake a target whose data is waiting to be progressed.
 #: shm copies every write on the target under one lock per endpoint (its
 #: region): with two endpoints the initiator posts to and reaps from one
-#: while the target copies from the other (docs/benchmarks.md).
+#: while the target copies from the other, and the first endpoint is a copy
+#: lane whose writes the initiator copies itself (docs/benchmarks.md).
 PROVIDER_DEFAULTS: dict[str, dict[str, Any]] = {
     "sockets": {"tx_depth": 16, "wait_fd": False},
-    "shm": {"endpoints": 2},
+    "shm": {"endpoints": 2, "copy_lane": True},
 }
 
 
@@ -381,6 +382,13 @@ class TransferEngine:
     ``$AIOTRANSFER_ENDPOINTS``, else 2 on shm and 1 elsewhere).  The selector
     spreads work over them as over NICs: each has its own queue, completion
     queue and connection to each peer.
+    ``copy_lane`` -- shm with two or more endpoints: the first endpoint of
+    each NIC is a copy lane, whose writes (over 4 KiB, at most 16 MiB, not
+    page lists or scatters) this process copies into the target itself
+    inside the post, while the target copies the writes of the other
+    endpoints: two cores copy (default True on shm,
+    ``$AIOTRANSFER_COPY_LANE`` 0 or 1; see docs/benchmarks.md).  A post on it
+    takes as long as its copy.
     ``recv_queue_limit`` -- control messages kept while nobody is in recv().
     ``busy_poll_us`` -- while operations or ``expect_imm`` waiters are
     pending, the event loop's own thread polls the NICs (a callback it runs
@@ -399,7 +407,8 @@ class TransferEngine:
                  busy_poll_us: float | None = None, gpu: int | None = None,
                  nic_weights: Sequence[float] | None = None,
                  stripe: int | None = None, peer_timeout: float | None = None,
-                 failover_timeout: float | None = None, endpoints: int | None = None) -> None:
+                 failover_timeout: float | None = None, endpoints: int | None = None,
+                 copy_lane: bool | None = None) -> None:
         self.provider = resolve_provider(provider)
         self._nics_arg = self._check_nics(nics)
         self._gpu = None if gpu is None else _uint("gpu", gpu, 1 << 16)
@@ -436,6 +445,13 @@ class TransferEngine:
                 raise ValueError(f"$AIOTRANSFER_ENDPOINTS={env!r} must be an integer "
                                  f"in [1, {MAX_NICS}]") from None
         self._endpoints = _uint("endpoints", endpoints)
+        if copy_lane is None:
+            env = os.environ.get("AIOTRANSFER_COPY_LANE")
+            if env is not None and env not in ("0", "1"):
+                raise ValueError(f"$AIOTRANSFER_COPY_LANE={env!r} must be 0 or 1")
+            copy_lane = env == "1" if env is not None else \
+                PROVIDER_DEFAULTS.get(self.provider, {}).get("copy_lane", False)
+        self._copy_lane = bool(copy_lane)
         if not 1 <= self._endpoints <= MAX_NICS:
             raise ValueError(f"endpoints={endpoints} must be in [1, {MAX_NICS}]")
         if isinstance(self._nics_arg, (list, int)):
@@ -531,7 +547,7 @@ class TransferEngine:
                 engine_id=self._engine_id, failover=self._failover,
                 delivery_complete=self._delivery_complete, msg_size=self._msg_size,
                 msg_count=self._msg_count, cpu=self._cpu, max_chunk=self._max_chunk,
-                tx_depth=self._tx_depth, endpoints=self._endpoints,
+                tx_depth=self._tx_depth, endpoints=self._endpoints, copy_lane=self._copy_lane,
                 wait_fd=PROVIDER_DEFAULTS.get(self.provider, {}).get("wait_fd", True))
         except _core.CoreError as exc:
             raise TransferError(f"cannot open provider {self.provider!r}", op="start",

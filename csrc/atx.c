@@ -67,7 +67,10 @@
 #define ATX_FAILOVER_NS 1000000000ULL /* a lane with work and no completion this long: down */
 #define ATX_PROBE_NS 500000000ULL     /* a down lane is probed this often */
 #define ATX_PROBE_STALL_NS 2000000000ULL /* a probe this old: reconnect and probe again */
-#define ATX_WR_TAIL UINT64_MAX        /* "work request index" of a tail immediate */
+#define ATX_RMA_ORDER (FI_ORDER_RAR | FI_ORDER_RAW | FI_ORDER_RAS | FI_ORDER_WAR | \
+                       FI_ORDER_WAW | FI_ORDER_WAS | FI_ORDER_SAR | FI_ORDER_SAW)
+#define ATX_WR_TAIL UINT64_MAX
+#define ATX_COPY_MAX (16u << 20)      /* largest write the shm copy lane takes */        /* "work request index" of a tail immediate */
 /* 8-byte CQ data: [0,32) immediate | 32 user-imm flag | 33 token | [34,48)
  * sender slot at the receiver | [48,64) sequence (see atx_slot) */
 #define ATX_TOK_VALID (1ULL << 33)
@@ -184,6 +187,7 @@ typedef struct atx_op {
     /* immediates */
     int has_imm; uint32_t imm;
     int tail_imm;                     /* 0 none, 1 waiting for data, 2 ready, 3 posted */
+    int copy_nic;                     /* 1 + the copy lane its data went over (0: none) */
     /* progress */
     uint64_t nwr, next_wr, inflight;
     uint64_t bytes;
@@ -1438,11 +1442,22 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
     if (peer >= e->npeers) return -FI_EINVAL;
     p = &e->peers[peer];
     *peer_out = peer;
+    int copy = 0;
     *nic_out = -2;
     if (p->skip_pass == e->pass) return 1;   /* its peer held this pass up */
     if (with_imm && !is_retry && p->slot == SLOT_WAIT)
         return 1;   /* its token slot is on the way (MSG_HELLO_ACK) */
-    nic = choose_nic(e, len, p);
+    nic = -1;
+    if (wr == ATX_WR_TAIL && op->copy_nic) {
+        /* the immediate of a copy-lane write: the same lane, whose region
+         * the target holds only briefly (the other is locked while the
+         * target copies) */
+        int k = op->copy_nic - 1;
+        atx_nic *cn = &e->nics[k];
+        if (cn->tx_free && !cn->tx_blocked && !p->down[k] && p->eagain_at[k] != cn->stats.polls + 1)
+            nic = k;
+    }
+    if (nic < 0) nic = choose_nic(e, len, p);
     *nic_out = nic;
     if (nic < 0) return 1;   /* -1: no NIC has room; -2: none with a lane up to p */
     n = &e->nics[nic];
@@ -1464,7 +1479,24 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
         struct iovec iov;
         struct fi_rma_iov riov;
         route_wr(e, dest, nic, &fa, &base, &key);
-        if (with_imm) {
+        /* The shm copy lane.  libfabric 1.17's shm copies a write in the
+         * initiator's own fi_writemsg (process_vm_writev, "fast RMA") when
+         * it carries neither remote CQ data nor FI_DELIVERY_COMPLETE;
+         * otherwise the target copies it while it progresses.  Writes on
+         * this lane go that way, so while the target copies what came over
+         * the other endpoint, this process copies the rest: two cores copy.
+         * Past the inject size a shm write completes only once its bytes
+         * are placed (the target has copied, or this call has), so no
+         * FI_DELIVERY_COMPLETE is needed.  A write's immediate moves to a
+         * tail immediate, posted once the data completed (op_check); the
+         * chunks of a multi-chunk write already have one.  Not for page
+         * lists or scatters (one immediate per WR), retries or writes past
+         * ATX_COPY_MAX (the copy holds the target's region lock). */
+        copy = n->pub.copy_lane && op->type == OP_WRITE && wr != ATX_WR_TAIL && !is_retry &&
+               len > n->pub.inject_size && len <= ATX_COPY_MAX;
+        if (copy) {
+            /* no CQ data, no delivery-complete: the provider's copying path */
+        } else if (with_imm) {
             flags |= FI_REMOTE_CQ_DATA;
             if (is_retry) {
                 data = op->retry[op->nretry - 1].data;   /* the same token again */
@@ -1486,7 +1518,8 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
          * The chunks of a write whose immediate follows them (tail_imm) are
          * always delivery-complete: over several NICs (connections) nothing
          * else orders the immediate after them. */
-        if (len && (n->pub.delivery_complete || op->tail_imm)) flags |= FI_DELIVERY_COMPLETE;
+        if (len && !copy && (n->pub.delivery_complete || op->tail_imm))
+            flags |= FI_DELIVERY_COMPLETE;
         c = ctx_get(n);
         desc = op->src_desc[nic];
         iov.iov_base = lbuf;
@@ -1511,6 +1544,11 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
     if (rc) {
         ctx_put(n, c);
         return rc;
+    }
+    if (copy) {
+        n->stats.wrs_copied++;
+        op->copy_nic = nic + 1;
+        if (with_imm) op->tail_imm = 1;   /* its immediate follows the data */
     }
     c->op = op;
     c->peer = peer;
@@ -2560,6 +2598,11 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
             return rc;
         }
         e->nics[i].pub.endpoint = i % neps;
+        /* shm: endpoint 0 of each NIC is a copy lane (post_one), where the
+         * provider lets the initiator copy (FI_MR_VIRT_ADDR, no RMA order) */
+        if (e->cfg.copy_lane && e->is_shm && neps >= 2 && i % neps == 0 &&
+            e->nics[i].pub.virt_addr && !(e->nics[i].info->tx_attr->msg_order & ATX_RMA_ORDER))
+            e->nics[i].pub.copy_lane = 1;
         if (e->cfg.max_chunk == 0 || e->cfg.max_chunk > e->nics[i].pub.max_msg_size)
             e->cfg.max_chunk = e->nics[i].pub.max_msg_size;
         /* selector weight: the link speed in Mbit/s where libfabric knows it */

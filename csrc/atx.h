@@ -62,6 +62,9 @@ typedef struct atx_config {
     int endpoints;            /* endpoints opened on each NIC (0: 1); each is a NIC of the
                                * engine for the selector, lanes and failover: NIC d's
                                * endpoint k is engine NIC d * endpoints + k */
+    int copy_lane;            /* shm, two or more endpoints: endpoint 0 of each NIC is a
+                               * copy lane (this process copies its writes itself; see
+                               * post_one in atx.c) */
 } atx_config;
 
 typedef struct atx_nic_info {
@@ -83,6 +86,7 @@ typedef struct atx_nic_info {
     int delivery_complete;    /* in use */
     int data_progress_manual;
     int endpoint;             /* which endpoint of its NIC (0 .. endpoints - 1) */
+    int copy_lane;            /* shm: this process copies its writes itself (atx.c) */
 } atx_nic_info;
 
 typedef struct atx_engine atx_engine;
@@ -204,6 +208,7 @@ typedef struct atx_stats {
     uint64_t lanes_down;      /* times a lane to a peer was declared down (failover) */
     uint64_t wrs_resent;      /* work requests posted again over another lane */
     uint64_t locks_released;  /* shm: peer region locks left taken by a dead process, freed */
+    uint64_t wrs_copied;      /* shm copy lane: work requests whose bytes this process copied */
     uint64_t inflight_bytes;  /* payload posted on this NIC, not yet completed */
     uint64_t weight;          /* the NIC's share in the selector */
 } atx_stats;

@@ -1,0 +1,188 @@
+"""The shm copy lane (``TransferEngine(copy_lane=...)``, docs/benchmarks.md):
+on shm the first endpoint's writes of more than 4 KiB and at most 16 MiB
+are copied by the writer inside its post (libfabric's fast RMA path: no
+remote CQ data, no delivery-complete), and each write's immediate follows
+as a zero-byte write once the data completed.  Every byte checked, every
+immediate counted exactly once, in one process and across processes."""
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+
+import numpy as np
+import pytest
+
+import aiotransfer
+
+from conftest import require_provider
+from support import KiB, MiB, assert_bytes, random_bytes, settle
+
+COPY_MAX = 16 * MiB
+
+
+def _copied(engine) -> int:
+    return sum(s["wrs_copied"] for s in engine.stats())
+
+
+def _lanes(engine) -> list[bool]:
+    """Which of the engine's endpoints are copy lanes (the core's NIC facts)."""
+    return [engine._core.nic_info(i)["copy_lane"] for i in range(engine._core.nic_count())]
+
+
+@pytest.fixture
+def shm_only(request):
+    """shm (the copy lane is libfabric shm's fast RMA path), skipped with the
+    probe's reason where it cannot be opened."""
+    require_provider(request.config, "shm")
+    return "shm"
+
+
+async def test_copy_lane_on_shm_only(make_engine, provider, monkeypatch):
+    """shm opens endpoint 0 as a copy lane by default; other providers never
+    do, even when asked; $AIOTRANSFER_COPY_LANE=0 and copy_lane=False turn it off."""
+    monkeypatch.delenv("AIOTRANSFER_COPY_LANE", raising=False)
+    monkeypatch.delenv("AIOTRANSFER_ENDPOINTS", raising=False)
+    e = await make_engine(provider)
+    assert _lanes(e) == ([True, False] if provider == "shm" else [False])
+    asked = await make_engine(provider, copy_lane=True, endpoints=2)
+    assert _lanes(asked) == ([True, False] if provider == "shm" else [False, False])
+    off = await make_engine(provider, copy_lane=False)
+    assert not any(_lanes(off))
+    monkeypatch.setenv("AIOTRANSFER_COPY_LANE", "0")
+    env_off = await make_engine(provider)
+    assert not any(_lanes(env_off))
+    one = await make_engine(provider, endpoints=1, copy_lane=True)
+    assert _lanes(one) == [False], "one endpoint: nothing left for the target to copy"
+
+
+@pytest.mark.parametrize("value", ["yes", "2", ""])
+def test_copy_lane_environment_is_checked(monkeypatch, value):
+    monkeypatch.setenv("AIOTRANSFER_COPY_LANE", value)
+    with pytest.raises(ValueError, match=r"\$AIOTRANSFER_COPY_LANE=.* must be 0 or 1"):
+        aiotransfer.TransferEngine("shm")
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "no-lane"])
+async def test_random_writes_with_and_without_the_copy_lane(make_engine, shm_only, lane, rng,
+                                                            seed):
+    """Random sizes (0 B to 16 MiB + 1, so some above the lane's 16 MiB bound and
+    some at or below the 4 KiB inject size), offsets and immediates, with and
+    without an immediate, some chunked (max_chunk): every byte lands, every
+    immediate is counted exactly once, and the lane took work iff it is on."""
+    a = await make_engine("shm", copy_lane=lane)
+    b = await make_engine("shm", copy_lane=lane)
+    chunked = await make_engine("shm", copy_lane=lane, max_chunk=96 * KiB)
+    cap = 80 * MiB
+    src = random_bytes(rng, cap)
+    dst = np.zeros(cap, np.uint8)
+    smr, cmr = a.register(src), chunked.register(src)
+    dmr = b.register(dst)
+    expected = dst.copy()
+    sizes = [0, 1, 4096, 4097, COPY_MAX, COPY_MAX + 1] + \
+        [int(x) for x in rng.integers(0, 512 * KiB, 40)] + [int(rng.integers(1, 12 * MiB))]
+    # disjoint destination ranges, in a random order, from random sources
+    rng.shuffle(sizes)
+    futs, counts, pos = [], {}, 0
+    for k, n in enumerate(sizes):
+        so = int(rng.integers(0, cap - n + 1))
+        assert pos + n <= cap
+        expected[pos:pos + n] = src[so:so + n]
+        imm = None if k % 5 == 4 else int(rng.integers(0, 4))
+        if imm is not None:
+            counts[imm] = counts.get(imm, 0) + 1
+        sender, mr = (chunked, cmr) if k % 3 == 2 else (a, smr)
+        futs.append(sender.write(mr, dmr.descriptor, length=n, src_offset=so, dst_offset=pos,
+                                 imm=imm))
+        pos += n
+    await asyncio.wait_for(asyncio.gather(*futs), 120)
+    for imm, count in counts.items():
+        await b.expect_imm(imm, count, timeout=30)
+    assert_bytes(dst, expected, f"seed={seed} copy_lane={lane}")
+    await settle()
+    for imm in counts:
+        assert b.imm_counter(imm).value == 0, f"seed={seed}: imm {imm} counted twice"
+    assert sum(s["imms_duplicate"] for s in b.stats()) == 0
+    copied = _copied(a) + _copied(chunked)
+    if lane:
+        assert copied > 0, f"seed={seed}: the copy lane took no write"
+        per_ep = a.stats(per_endpoint=True)
+        assert per_ep[1]["wrs_copied"] == 0, "only endpoint 0 is a copy lane"
+    else:
+        assert copied == 0
+
+
+async def test_copy_lane_write_completes_after_its_bytes_and_its_immediate_follows(
+        make_engine, shm_only, rng, seed):
+    """One awaited write at a time over the copy lane: when it resolves the
+    bytes are in place; the immediate arrives (once) right after."""
+    a = await make_engine("shm")
+    b = await make_engine("shm")
+    size = 256 * KiB
+    src = random_bytes(rng, size * 8)
+    dst = np.zeros(size * 8, np.uint8)
+    smr, dmr = a.register(src), b.register(dst)
+    before = _copied(a)
+    for i in range(8):
+        await a.write(smr, dmr.descriptor, length=size, src_offset=i * size,
+                      dst_offset=i * size, imm=40 + i)
+        assert_bytes(dst[i * size:(i + 1) * size], src[i * size:(i + 1) * size],
+                     f"seed={seed}: write {i} resolved before its bytes were placed")
+        await b.expect_imm(40 + i, 1, timeout=30)
+    assert _copied(a) > before, "no write took the copy lane"
+
+
+def _peer_main(conn, size, n):
+    """A separate process: an engine whose region the parent writes into,
+    then one that writes back into the parent's region."""
+    async def run():
+        async with aiotransfer.TransferEngine("shm") as eng:
+            dst = np.zeros(size * n, np.uint8)
+            mr = eng.register(dst)
+            conn.send(mr.descriptor)
+            await eng.expect_imm(7, n, timeout=60)
+            conn.send(bytes(dst))
+            back = conn.recv()
+            src = np.frombuffer(bytes(dst), np.uint8).copy()
+            smr = eng.register(src)
+            await asyncio.gather(*[eng.write(smr, back, length=size, src_offset=i * size,
+                                             dst_offset=i * size, imm=8) for i in range(n)])
+            conn.send(sum(s["wrs_copied"] for s in eng.stats()))
+    asyncio.run(run())
+
+
+async def test_copy_lane_across_processes(make_engine, shm_only, rng, seed):
+    """Two processes: the copy lane copies into another process's memory
+    (process_vm_writev), both ways; every byte and immediate checked."""
+    size, n = 192 * KiB, 40
+    src = random_bytes(rng, size * n)
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_peer_main, args=(child, size, n), daemon=True)
+    proc.start()
+    try:
+        loop = asyncio.get_running_loop()
+        recv = lambda: loop.run_in_executor(None, parent.recv)  # noqa: E731
+        desc = await asyncio.wait_for(recv(), 60)
+        a = await make_engine("shm")
+        smr = a.register(src)
+        await asyncio.wait_for(asyncio.gather(*[
+            a.write(smr, desc, length=size, src_offset=i * size, dst_offset=i * size, imm=7)
+            for i in range(n)]), 60)
+        got = np.frombuffer(await asyncio.wait_for(recv(), 60), np.uint8)
+        assert_bytes(got, src, f"seed={seed}: parent to child")
+        assert _copied(a) > 0
+        back = np.zeros(size * n, np.uint8)
+        bmr = a.register(back)
+        parent.send(bmr.descriptor)
+        child_copied = await asyncio.wait_for(recv(), 60)
+        await a.expect_imm(8, n, timeout=30)
+        assert_bytes(back, src, f"seed={seed}: child to parent")
+        assert child_copied > 0
+        await settle()
+        assert a.imm_counter(8).value == 0
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
+    assert proc.exitcode == 0
