@@ -30,6 +30,7 @@
 #include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/random.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -55,6 +56,7 @@
 #define ATX_INFLIGHT_POLL_NS 50000000ULL /* the app's loop, work in flight: polls this long
                                            * after the last completion */
 #define ATX_STUCK_NS 50000000ULL      /* a post inside the provider this long: see shm_unstick.c */
+#define ATX_OWN_STUCK_NS 1000000000ULL /* a call spinning on our own region's lock this long */
 #define ATX_DRAIN_NS 2000000000ULL    /* close: wait this long for posted requests */
 #define ATX_COALESCE_NS 25000ULL      /* hold a wake-up back at most this long */
 #define ATX_COALESCE_MAX 64           /* ...or until this many records wait */
@@ -260,8 +262,15 @@ struct atx_engine {
      * thread hop), polling the CQ only when the provider pushes back. */
     pthread_mutex_t prog_lock;
     uint64_t app_ts;                   /* last inline progress by the app */
-    uint64_t post_since;               /* a thread is inside a post since (0: none) */
+    uint64_t post_since;               /* a thread is inside a post or poll since (0: none) */
+    pid_t inside_tid;                  /* ... that thread */
     uint64_t unstick_at;               /* last look for dead shm lock holders */
+    /* shm: our own regions' names, and the watch's window on a call stuck
+     * on one of their locks (own_check) */
+    char shm_names[ATX_MAX_NICS][256];
+    const char *shm_name_p[ATX_MAX_NICS];
+    uint64_t own_since, own_t0, own_ut0, own_st0;
+    int own_samples;
     int is_shm;                        /* the shm provider (its posts can spin on a peer) */
     int dead;                          /* endpoints closed: no more posting */
 
@@ -664,21 +673,85 @@ static atx_engine **g_watch;                 /* open shm engines */
 static size_t g_watch_n, g_watch_cap;
 static int g_watch_running;
 
-/* Around every post: the watch's view of a post that does not return. */
+static pid_t my_tid(void) {
+    static __thread pid_t tid;
+    if (!tid) tid = (pid_t)syscall(SYS_gettid);
+    return tid;
+}
+
+/* Around every post and CQ read: the watch's view of a call that does not
+ * return (and of the thread inside it). */
 static inline void post_enter(atx_engine *e) {
+    __atomic_store_n(&e->inside_tid, my_tid(), __ATOMIC_RELAXED);
     __atomic_store_n(&e->post_since, e->now | 1, __ATOMIC_RELAXED);   /* never 0 */
 }
 static inline void post_exit(atx_engine *e) {
     __atomic_store_n(&e->post_since, 0, __ATOMIC_RELAXED);
 }
 
+/* A thread's user and system CPU time, in clock ticks (0, or -1). */
+static int thread_times(pid_t tid, uint64_t *ut, uint64_t *st) {
+    char path[64], buf[1024], *p;
+    unsigned long long u, s;
+    FILE *f;
+    size_t n;
+    snprintf(path, sizeof(path), "/proc/self/task/%d/stat", (int)tid);
+    if (!(f = fopen(path, "re"))) return -1;
+    n = fread(buf, 1, sizeof(buf) - 1, f);
+    fclose(f);
+    buf[n] = 0;
+    if (!(p = strrchr(buf, ')'))) return -1;
+    /* after "(comm)": state, then fields 4..13, then utime (14) and stime (15) */
+    if (sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &u, &s) != 2)
+        return -1;
+    *ut = u;
+    *st = s;
+    return 0;
+}
+
+/* One of our own regions' locks taken by a peer that died holding it (see
+ * shm_unstick.c): our thread inside one call for ATX_OWN_STUCK_NS, an own
+ * lock taken at every look, the thread's CPU time all user time (spinning:
+ * a copy of ours would be kernel time), and a peer process gone. */
+static void own_check(atx_engine *e, uint64_t since, uint64_t t) {
+    int dead = 0, n;
+    uint64_t ut, st, ticks;
+    pid_t tid = __atomic_load_n(&e->inside_tid, __ATOMIC_RELAXED);
+    if (since != e->own_since) {
+        e->own_since = since;
+        e->own_samples = 0;
+    }
+    if (!atx_shm_own_taken(e->shm_name_p, e->nnics, &dead) || thread_times(tid, &ut, &st)) {
+        e->own_samples = 0;
+        return;
+    }
+    if (e->own_samples++ == 0) {
+        e->own_t0 = t;
+        e->own_ut0 = ut;
+        e->own_st0 = st;
+        return;
+    }
+    if (t < e->own_t0 + ATX_OWN_STUCK_NS) return;
+    e->own_samples = 0;   /* a new window after this one, whatever it shows */
+    ticks = (t - e->own_t0) * (uint64_t)sysconf(_SC_CLK_TCK) / 1000000000ULL;
+    if (!dead || st - e->own_st0 > 1 || (ut - e->own_ut0) * 4 < ticks) return;
+    n = atx_shm_release_own(e->shm_name_p, e->nnics);
+    if (n) __atomic_add_fetch(&e->nics[0].stats.locks_released, (uint64_t)n, __ATOMIC_RELAXED);
+}
+
 static void unstick_if_stuck(atx_engine *e, uint64_t t) {
     uint64_t since = __atomic_load_n(&e->post_since, __ATOMIC_RELAXED);
     int n;
-    if (!since || t < since + ATX_STUCK_NS || t < e->unstick_at + ATX_STUCK_NS) return;
-    e->unstick_at = t;
-    n = atx_shm_unstick();
-    if (n) __atomic_add_fetch(&e->nics[0].stats.locks_released, (uint64_t)n, __ATOMIC_RELAXED);
+    if (!since || t < since + ATX_STUCK_NS) {
+        e->own_samples = 0;
+        return;
+    }
+    if (t >= e->unstick_at + ATX_STUCK_NS) {
+        e->unstick_at = t;
+        n = atx_shm_unstick();
+        if (n) __atomic_add_fetch(&e->nics[0].stats.locks_released, (uint64_t)n, __ATOMIC_RELAXED);
+    }
+    own_check(e, since, t);
 }
 
 static void *watch_main(void *arg) {
@@ -1859,7 +1932,10 @@ static size_t poll_cq(atx_engine *e, atx_nic *n, int rounds) {
     size_t total = 0;
     n->tx_blocked = 0;   /* this poll progressed the provider: posting may go on */
     for (int round = 0; round < rounds; round++) {
-        ssize_t got = fi_cq_read(n->cq, ents, ATX_CQ_BATCH);
+        ssize_t got;
+        post_enter(e);   /* (a shm CQ read spins on our own region's lock) */
+        got = fi_cq_read(n->cq, ents, ATX_CQ_BATCH);
+        post_exit(e);
         n->stats.polls++;
         if (got == -FI_EAGAIN) break;
         if (got == -FI_EAVAIL) {
@@ -2641,6 +2717,18 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
         return -FI_EOTHER;
     }
     e->thread_started = 1;
+    for (int i = 0; e->is_shm && i < e->nnics; i++) {
+        /* our region's name: the endpoint name without "fi_shm://" */
+        char name[256];
+        size_t len = sizeof(name) - 1;
+        const char *s = name;
+        memset(name, 0, sizeof(name));
+        if (fi_getname(&e->nics[i].ep->fid, name, &len) == 0 &&
+            strncmp(name, "fi_shm://", 9) == 0)
+            s = name + 9;
+        snprintf(e->shm_names[i], sizeof(e->shm_names[i]), "%s", s);
+        e->shm_name_p[i] = e->shm_names[i];
+    }
     if (e->is_shm && (rc = watch_add(e)) != 0) {
         snprintf(err, errlen, "starting the shm watch thread: %s", strerror(rc));
         atx_engine_destroy(e);

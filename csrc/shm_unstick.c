@@ -21,9 +21,18 @@
  * (PeerError) after the peer timeout.  A lock whose owner is alive is never
  * touched.  Called only when a post has been stuck for ATX_STUCK_NS.
  *
- * Not covered: an initiator that dies while it holds *our* region's lock
- * (for the microsecond of a post) would stop our own progress; the lock
- * records no holder, so that case cannot be told from a live poster.
+ * Our own region's lock.  An initiator takes it to post into our region;
+ * over the copy lane (atx.c, post_one) it holds it for the whole copy of a
+ * write into our memory (process_vm_writev, up to 16 MiB: milliseconds).
+ * An initiator killed meanwhile leaves it taken, and our next poll spins
+ * for ever (seen: one random writer kill in ten at 1 MiB, the target's
+ * event loop frozen inside fi_cq_read).  The lock records no holder, so
+ * atx.c decides from the outside, and only when every sign agrees: its
+ * thread has been inside one provider call for a second, spinning in user
+ * mode (its CPU time all user time: not copying, which is kernel time),
+ * one of the engine's own regions has been seen taken all that time, and
+ * a process that mapped a region of its own next to ours is gone.  Then
+ * atx_shm_release_own frees the engine's own taken locks.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -86,32 +95,30 @@ static int owner_gone(int pid) {
     return p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
 }
 
-/* The region at [lo, hi) mapped from /dev/shm/<name>: its lock, if the
- * header is the 1.17 layout, names this region and the owner is gone. */
-static pthread_spinlock_t *dead_owner_lock(uintptr_t lo, uintptr_t hi, const char *name) {
-    const struct smr117_head *h = (const struct smr117_head *)lo;
+/* The 1.17 region at [lo, hi) mapped from /dev/shm/<name>, or NULL. */
+static struct smr117_head *region117(uintptr_t lo, uintptr_t hi, const char *name) {
+    struct smr117_head *h = (struct smr117_head *)lo;
     const char *rname;
     size_t n = strlen(name);
     if (hi - lo < sizeof(*h)) return NULL;
-    if (h->version != SMR117_VERSION || h->pid <= 0 || h->pid == (int)getpid()) return NULL;
+    if (h->version != SMR117_VERSION || h->pid <= 0) return NULL;
     if (h->total_size != hi - lo) return NULL;
     if (h->name_offset < sizeof(*h) || h->name_offset > h->total_size - SMR117_NAME_MAX)
         return NULL;
     rname = (const char *)(lo + h->name_offset);
     if (n >= SMR117_NAME_MAX || strncmp(rname, name, SMR117_NAME_MAX) != 0) return NULL;
-    if (!owner_gone(h->pid)) return NULL;
-    return &((struct smr117_head *)lo)->lock;
+    return h;
 }
 
-int atx_shm_unstick(void) {
+/* Call fn(region, name, arg) for every 1.17 region mapped from /dev/shm. */
+static void each_region(void (*fn)(struct smr117_head *, const char *, void *), void *arg) {
     FILE *f = fopen("/proc/self/maps", "re");
     char line[4096 + 128];
-    int released = 0;
-    if (!f) return 0;
+    if (!f) return;
     while (fgets(line, sizeof(line), f)) {
         uintptr_t lo, hi;
         char perms[8], *path, *end;
-        pthread_spinlock_t *lock;
+        struct smr117_head *h;
         if (sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) != 3) continue;
         if (perms[0] != 'r' || perms[1] != 'w' || perms[3] != 's') continue;
         path = strstr(line, " /dev/shm/");
@@ -121,13 +128,76 @@ int atx_shm_unstick(void) {
         if (end) *end = 0;
         end = strstr(path, " (deleted)");
         if (end) *end = 0;
-        lock = dead_owner_lock(lo, hi, path);
-        if (!lock) continue;
-        /* through glibc's own calls: what "taken" and "free" are is the
-         * platform's business (x86-64: 1 is free, the lock decrements) */
-        if (pthread_spin_trylock(lock) != 0) released++;
-        pthread_spin_unlock(lock);
+        h = region117(lo, hi, path);
+        if (h) fn(h, path, arg);
     }
     fclose(f);
+}
+
+/* Release a taken lock through glibc's own calls: what "taken" and "free"
+ * are is the platform's business (x86-64: 1 is free, the lock decrements).
+ * Returns 1 if it was taken. */
+static int release(pthread_spinlock_t *lock) {
+    int was_taken = pthread_spin_trylock(lock) != 0;
+    pthread_spin_unlock(lock);
+    return was_taken;
+}
+
+static void release_dead_owner(struct smr117_head *h, const char *name, void *arg) {
+    (void)name;
+    if (h->pid != (int)getpid() && owner_gone(h->pid)) *(int *)arg += release(&h->lock);
+}
+
+int atx_shm_unstick(void) {
+    int released = 0;
+    each_region(release_dead_owner, &released);
     return released;
+}
+
+/* ---- our own regions */
+
+struct own_scan {
+    const char *const *names;
+    int nnames;
+    int taken;      /* own regions whose lock is taken */
+    int dead;       /* regions of gone processes */
+    int released;
+};
+
+static int is_own(const struct own_scan *o, const struct smr117_head *h, const char *name) {
+    if (h->pid != (int)getpid()) return 0;
+    for (int i = 0; i < o->nnames; i++)
+        if (strcmp(o->names[i], name) == 0) return 1;
+    return 0;
+}
+
+static void look_own(struct smr117_head *h, const char *name, void *arg) {
+    struct own_scan *o = arg;
+    if (is_own(o, h, name)) {
+        /* a plain read of the lock word: glibc's x86-64 spin lock is free at
+         * 1 (any other platform: trylock would take it, so do not guess) */
+#if defined(__x86_64__)
+        if (__atomic_load_n((const volatile int *)&h->lock, __ATOMIC_RELAXED) != 1) o->taken++;
+#endif
+    } else if (h->pid != (int)getpid() && owner_gone(h->pid)) {
+        o->dead++;
+    }
+}
+
+int atx_shm_own_taken(const char *const *names, int nnames, int *dead_peers) {
+    struct own_scan o = {names, nnames, 0, 0, 0};
+    each_region(look_own, &o);
+    if (dead_peers) *dead_peers = o.dead;
+    return o.taken;
+}
+
+static void release_own(struct smr117_head *h, const char *name, void *arg) {
+    struct own_scan *o = arg;
+    if (is_own(o, h, name)) o->released += release(&h->lock);
+}
+
+int atx_shm_release_own(const char *const *names, int nnames) {
+    struct own_scan o = {names, nnames, 0, 0, 0};
+    each_region(release_own, &o);
+    return o.released;
 }

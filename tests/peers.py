@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import os
+import signal
 import tempfile
 import traceback
 from typing import Any
@@ -20,7 +21,7 @@ import numpy as np
 import aiotransfer
 from aiotransfer import EngineClosedError, ScatterTarget, TransferError
 
-from support import MAX_TRANSFER, MiB, assert_bytes, nics_for, random_bytes
+from support import MAX_TRANSFER, KiB, MiB, assert_bytes, nics_for, random_bytes
 
 STEP_TIMEOUT = 90.0
 ECHO_IMM = 0xEC40
@@ -392,6 +393,56 @@ async def _locked_target(conn) -> None:
             locked.append(name)
         conn.send(("locked", locked))
         await asyncio.sleep(STEP_TIMEOUT)   # the parent kills us meanwhile
+
+
+def locking_writer_main(conn) -> None:
+    """Child: a shm engine that writes into the parent's region (both sides
+    then map each other's regions); on ("lock", names) it takes the spin
+    locks of those regions of the parent, as a copy-lane post does while it
+    copies, reports them and SIGKILLs itself holding them (the parent's
+    event loop may already spin on them, unable to kill us)."""
+    _child_setup()
+    try:
+        asyncio.run(_locking_writer(conn))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.send(("error", traceback.format_exc()))
+        raise
+
+
+async def _locking_writer(conn) -> None:
+    import ctypes
+    import mmap
+    import struct
+
+    libc = ctypes.CDLL(None)
+    maps = []
+    async with aiotransfer.TransferEngine(provider="shm") as engine:
+        kind, desc = await pipe_recv(conn)
+        assert kind == "target", kind
+        src = np.arange(64 * KiB, dtype=np.uint8)
+        mr = engine.register(src)
+        await asyncio.gather(*[engine.write(mr, desc, imm=1) for _ in range(8)])
+        conn.send(("writing",))
+        kind, names = await pipe_recv(conn)
+        assert kind == "lock", kind
+        locked = []
+        for name in names:
+            with open(os.path.join("/dev/shm", name), "r+b") as f:
+                m = mmap.mmap(f.fileno(), 4096)
+            version = m[0]
+            (pid,) = struct.unpack_from("i", m, SMR117_PID_OFFSET)
+            assert (version, pid) == (SMR117_VERSION, os.getppid()), \
+                f"{name}: not the parent's libfabric 1.17 shm region head ({version}, {pid})"
+            addr = ctypes.addressof(ctypes.c_char.from_buffer(m)) + SMR117_LOCK_OFFSET
+            while libc.pthread_spin_trylock(ctypes.c_void_p(addr)) != 0:
+                await asyncio.sleep(0)   # (the parent may be inside a poll)
+            # and signal, as a post does: the owner's next poll takes the lock
+            struct.pack_into("i", m, SMR117_LOCK_OFFSET + 4, 1)
+            maps.append(m)
+            locked.append(name)
+        conn.send(("locked", locked))
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ------------------------------------------------------ isolated scenarios

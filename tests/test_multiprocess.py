@@ -226,6 +226,48 @@ async def test_shm_target_dead_holding_its_region_lock(make_engine, children, pr
     assert sum(s["locks_released"] for s in writer.stats()) >= 1, writer.stats()
 
 
+@pytest.mark.timeout(120, method="thread")
+async def test_shm_writer_dead_holding_our_region_lock(make_engine, children, provider, rng,
+                                                       seed):
+    """A shm writer holds the target's region lock while it posts, and over
+    the copy lane for the whole copy of a write; killed then, the lock stays
+    taken and the target's next poll would spin in fi_cq_read for ever (its
+    event loop with it: seen in about one random writer kill in ten at
+    1 MiB).  The child takes our two region locks and SIGKILLs itself: within
+    seconds the shm watch must release them, our engine must go on polling
+    (a wait for an immediate that never comes ends in TimeoutError) and take
+    new writes, every byte checked."""
+    if provider != "shm":
+        pytest.skip("a shm provider hazard (our region's lock)")
+    target = await make_engine(provider)
+    dst = np.zeros(2 * MiB, np.uint8)
+    dmr = target.register(dst)
+    names = [target._core.getname(i).rstrip(b"\0").decode().removeprefix("fi_shm://")
+             for i in range(target._core.nic_count())]
+    proc, conn = children.start(peers.locking_writer_main)
+    faulthandler.dump_traceback_later(90, exit=True)
+    try:
+        conn.send(("target", dmr.descriptor))
+        await expect(conn, "writing")
+        await target.expect_imm(1, 8, timeout=30)
+        conn.send(("lock", names))
+        (locked,) = await expect(conn, "locked")
+        assert sorted(locked) == sorted(names), locked
+        assert await join(proc) == -9
+        with pytest.raises(TimeoutError):
+            await target.expect_imm(9, 1, timeout=4)   # the loop polls meanwhile
+        released = sum(s["locks_released"] for s in target.stats())
+        assert released >= 1, target.stats()
+        sender = await make_engine(provider)
+        src = random_bytes(rng, 2 * MiB)
+        await asyncio.wait_for(sender.write(sender.register(src), dmr.descriptor, imm=10), 30)
+        await target.expect_imm(10, 1, timeout=30)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        remove_shm_leftovers(proc.pid)
+    assert_bytes(dst, src, f"seed={seed}: target after its writer died holding its lock")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600, method="thread")
 async def test_cross_process_target_killed_at_random_moments(make_engine, children, provider,
