@@ -71,8 +71,8 @@
 #define ATX_PROBE_STALL_NS 2000000000ULL /* a probe this old: reconnect and probe again */
 #define ATX_RMA_ORDER (FI_ORDER_RAR | FI_ORDER_RAW | FI_ORDER_RAS | FI_ORDER_WAR | \
                        FI_ORDER_WAW | FI_ORDER_WAS | FI_ORDER_SAR | FI_ORDER_SAW)
-#define ATX_WR_TAIL UINT64_MAX
-#define ATX_COPY_MAX (16u << 20)      /* largest write the shm copy lane takes */        /* "work request index" of a tail immediate */
+#define ATX_WR_TAIL UINT64_MAX        /* "work request index" of a tail immediate */
+#define ATX_COPY_MAX (16u << 20)      /* largest write the shm copy lane takes */
 /* 8-byte CQ data: [0,32) immediate | 32 user-imm flag | 33 token | [34,48)
  * sender slot at the receiver | [48,64) sequence (see atx_slot) */
 #define ATX_TOK_VALID (1ULL << 33)
@@ -1482,7 +1482,7 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
     atx_nic *n;
     atx_ctx *c;
     atx_peer *p;
-    int rc, nic, with_imm, is_retry = op->nretry > 0;
+    int rc, nic, with_imm, is_retry = op->nretry > 0, copy = 0;
     uint64_t wr, dest = UINT64_MAX, roff = 0, base = 0, key = 0, peer;
     uint64_t data = 0, flags = FI_COMPLETION;
     fi_addr_t fa;
@@ -1515,7 +1515,6 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
     if (peer >= e->npeers) return -FI_EINVAL;
     p = &e->peers[peer];
     *peer_out = peer;
-    int copy = 0;
     *nic_out = -2;
     if (p->skip_pass == e->pass) return 1;   /* its peer held this pass up */
     if (with_imm && !is_retry && p->slot == SLOT_WAIT)
@@ -1527,7 +1526,8 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
          * target copies) */
         int k = op->copy_nic - 1;
         atx_nic *cn = &e->nics[k];
-        if (cn->tx_free && !cn->tx_blocked && !p->down[k] && p->eagain_at[k] != cn->stats.polls + 1)
+        if (cn->tx_free && !cn->tx_blocked && cn->weight && !p->down[k] &&
+            p->eagain_at[k] != cn->stats.polls + 1)
             nic = k;
     }
     if (nic < 0) nic = choose_nic(e, len, p);
@@ -2709,14 +2709,6 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
         e->hello_len = pos;
     }
     if (e->cfg.max_chunk > (1ULL << 30)) e->cfg.max_chunk = 1ULL << 30;
-
-    rc = pthread_create(&e->thread, NULL, worker_main, e);
-    if (rc) {
-        snprintf(err, errlen, "pthread_create: %s", strerror(rc));
-        atx_engine_destroy(e);
-        return -FI_EOTHER;
-    }
-    e->thread_started = 1;
     for (int i = 0; e->is_shm && i < e->nnics; i++) {
         /* our region's name: the endpoint name without "fi_shm://" */
         char name[256];
@@ -2729,6 +2721,14 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
         snprintf(e->shm_names[i], sizeof(e->shm_names[i]), "%s", s);
         e->shm_name_p[i] = e->shm_names[i];
     }
+
+    rc = pthread_create(&e->thread, NULL, worker_main, e);
+    if (rc) {
+        snprintf(err, errlen, "pthread_create: %s", strerror(rc));
+        atx_engine_destroy(e);
+        return -FI_EOTHER;
+    }
+    e->thread_started = 1;
     if (e->is_shm && (rc = watch_add(e)) != 0) {
         snprintf(err, errlen, "starting the shm watch thread: %s", strerror(rc));
         atx_engine_destroy(e);

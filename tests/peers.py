@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import tempfile
+import time
 import traceback
 from typing import Any
 
@@ -348,51 +349,62 @@ async def _writer(conn, provider: str, how: str, seed: int) -> None:
 SMR117_VERSION, SMR117_PID_OFFSET, SMR117_LOCK_OFFSET = 4, 4, 24
 
 
-def locked_target_main(conn) -> None:
-    """Child: a shm engine with one region; on "lock" it takes the spin locks
-    of its own endpoints' shm regions, as its progress does while it copies,
-    reports how many, and waits to be SIGKILLed holding them."""
+def _run_child(conn, main) -> None:
+    """Run coroutine function main(conn) in this child; report a failure."""
     _child_setup()
     try:
-        asyncio.run(_locked_target(conn))
+        asyncio.run(main(conn))
     except BaseException:
         with contextlib.suppress(Exception):
             conn.send(("error", traceback.format_exc()))
         raise
 
 
-async def _locked_target(conn) -> None:
+def _take_region_lock(name: str, owner: int, signal_owner: bool = False):
+    """Map /dev/shm/<name>, check it is a libfabric 1.17 shm region head of
+    process `owner`, take its spin lock as the provider does (glibc: on
+    x86-64 a free lock is 1) and, with signal_owner, set its signal word as
+    a post does (the owner's next poll then takes the lock).  Returns the
+    mapping, which must stay open while the lock is meant to be held."""
     import ctypes
     import mmap
     import struct
 
     libc = ctypes.CDLL(None)
-    maps = []
+    with open(os.path.join("/dev/shm", name), "r+b") as f:
+        m = mmap.mmap(f.fileno(), 4096)
+    version = m[0]
+    (pid,) = struct.unpack_from("i", m, SMR117_PID_OFFSET)
+    assert (version, pid) == (SMR117_VERSION, owner), \
+        f"{name}: not a libfabric 1.17 shm region head of {owner} ({version}, {pid})"
+    addr = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.from_buffer(m)) + SMR117_LOCK_OFFSET)
+    while libc.pthread_spin_trylock(addr) != 0:
+        time.sleep(0.001)   # (its owner may be inside a poll)
+    assert libc.pthread_spin_trylock(addr) != 0, f"{name}: not locked"
+    if signal_owner:
+        struct.pack_into("i", m, SMR117_LOCK_OFFSET + 4, 1)
+    return m
 
+
+def locked_target_main(conn) -> None:
+    """Child: a shm engine with one region; on "lock" it takes the spin locks
+    of its own endpoints' shm regions, as its progress does while it copies,
+    reports how many, and waits to be SIGKILLed holding them."""
+    _run_child(conn, _locked_target)
+
+
+async def _locked_target(conn) -> None:
     async with aiotransfer.TransferEngine(provider="shm") as engine:
         buf = np.zeros(MiB, np.uint8)
         mr = engine.register(buf)
         conn.send(("ready", engine.address, [mr.descriptor]))
         kind, *_ = await pipe_recv(conn)
         assert kind == "lock", kind
-        locked = []
-        for name in sorted(os.listdir("/dev/shm")):
-            if not name.startswith(f"{os.getpid()}:"):
-                continue
-            with open(os.path.join("/dev/shm", name), "r+b") as f:
-                m = mmap.mmap(f.fileno(), 4096)
-            version = m[0]
-            (pid,) = struct.unpack_from("i", m, SMR117_PID_OFFSET)
-            assert (version, pid) == (SMR117_VERSION, os.getpid()), \
-                f"{name}: not a libfabric 1.17 shm region head ({version}, {pid})"
-            # take it as the provider does (glibc: on x86-64 a free lock is 1)
-            addr = ctypes.addressof(ctypes.c_char.from_buffer(m)) + SMR117_LOCK_OFFSET
-            assert libc.pthread_spin_trylock(ctypes.c_void_p(addr)) == 0, f"{name}: lock taken"
-            assert libc.pthread_spin_trylock(ctypes.c_void_p(addr)) != 0, f"{name}: not locked"
-            maps.append(m)
-            locked.append(name)
-        conn.send(("locked", locked))
+        names = sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"{os.getpid()}:"))
+        maps = [_take_region_lock(name, os.getpid()) for name in names]
+        conn.send(("locked", names))
         await asyncio.sleep(STEP_TIMEOUT)   # the parent kills us meanwhile
+        del maps
 
 
 def locking_writer_main(conn) -> None:
@@ -401,22 +413,10 @@ def locking_writer_main(conn) -> None:
     locks of those regions of the parent, as a copy-lane post does while it
     copies, reports them and SIGKILLs itself holding them (the parent's
     event loop may already spin on them, unable to kill us)."""
-    _child_setup()
-    try:
-        asyncio.run(_locking_writer(conn))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.send(("error", traceback.format_exc()))
-        raise
+    _run_child(conn, _locking_writer)
 
 
 async def _locking_writer(conn) -> None:
-    import ctypes
-    import mmap
-    import struct
-
-    libc = ctypes.CDLL(None)
-    maps = []
     async with aiotransfer.TransferEngine(provider="shm") as engine:
         kind, desc = await pipe_recv(conn)
         assert kind == "target", kind
@@ -426,23 +426,10 @@ async def _locking_writer(conn) -> None:
         conn.send(("writing",))
         kind, names = await pipe_recv(conn)
         assert kind == "lock", kind
-        locked = []
-        for name in names:
-            with open(os.path.join("/dev/shm", name), "r+b") as f:
-                m = mmap.mmap(f.fileno(), 4096)
-            version = m[0]
-            (pid,) = struct.unpack_from("i", m, SMR117_PID_OFFSET)
-            assert (version, pid) == (SMR117_VERSION, os.getppid()), \
-                f"{name}: not the parent's libfabric 1.17 shm region head ({version}, {pid})"
-            addr = ctypes.addressof(ctypes.c_char.from_buffer(m)) + SMR117_LOCK_OFFSET
-            while libc.pthread_spin_trylock(ctypes.c_void_p(addr)) != 0:
-                await asyncio.sleep(0)   # (the parent may be inside a poll)
-            # and signal, as a post does: the owner's next poll takes the lock
-            struct.pack_into("i", m, SMR117_LOCK_OFFSET + 4, 1)
-            maps.append(m)
-            locked.append(name)
-        conn.send(("locked", locked))
-        os.kill(os.getpid(), signal.SIGKILL)
+        maps = [_take_region_lock(name, os.getppid(), signal_owner=True) for name in names]
+        conn.send(("locked", names))
+        os.kill(os.getpid(), signal.SIGKILL)   # holding them (maps still open)
+        del maps
 
 
 # ------------------------------------------------------ isolated scenarios
