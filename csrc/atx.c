@@ -244,6 +244,16 @@ typedef struct atx_nic {
     atx_stats stats;
 } atx_nic;
 
+/* The shm watch's view of one of our own regions (own_watch). */
+typedef struct atx_own_region {
+    void *head;                       /* the mapped region (NULL: not watched) */
+    uint64_t moves;                   /* its command queue's counts, last look */
+    uint64_t since;                   /* seen taken and still since (0: not) */
+    uint64_t call;                    /* ...with this call of ours inside (0: none) */
+    pid_t tid;                        /* ...by this thread */
+    uint64_t ut, st;                  /* ...whose CPU times were these */
+} atx_own_region;
+
 struct atx_engine {
     atx_config cfg;
     char provider[64];
@@ -265,12 +275,8 @@ struct atx_engine {
     uint64_t post_since;               /* a thread is inside a post or poll since (0: none) */
     pid_t inside_tid;                  /* ... that thread */
     uint64_t unstick_at;               /* last look for dead shm lock holders */
-    /* shm: our own regions' names, and the watch's window on a call stuck
-     * on one of their locks (own_check) */
-    char shm_names[ATX_MAX_NICS][256];
-    const char *shm_name_p[ATX_MAX_NICS];
-    uint64_t own_since, own_t0, own_ut0, own_st0;
-    int own_samples;
+    /* shm: our own regions, as the watch sees them (own_watch) */
+    atx_own_region own[ATX_MAX_NICS];
     int is_shm;                        /* the shm provider (its posts can spin on a peer) */
     int dead;                          /* endpoints closed: no more posting */
 
@@ -709,49 +715,52 @@ static int thread_times(pid_t tid, uint64_t *ut, uint64_t *st) {
     return 0;
 }
 
-/* One of our own regions' locks taken by a peer that died holding it (see
- * shm_unstick.c): our thread inside one call for ATX_OWN_STUCK_NS, an own
- * lock taken at every look, the thread's CPU time all user time (spinning:
- * a copy of ours would be kernel time), and a peer process gone. */
-static void own_check(atx_engine *e, uint64_t since, uint64_t t) {
-    int dead = 0, n;
-    uint64_t ut, st, ticks;
+/* Our own regions' locks, left taken by a writer that died holding them
+ * (see shm_unstick.c): each looked at on every watch tick; released once
+ * seen taken for ATX_OWN_STUCK_NS with the command queue still, the
+ * engine's thread (if one is inside a provider call all that time)
+ * spinning in user mode, and a peer process gone. */
+static void own_watch(atx_engine *e, uint64_t t) {
+    uint64_t since = __atomic_load_n(&e->post_since, __ATOMIC_RELAXED);
     pid_t tid = __atomic_load_n(&e->inside_tid, __ATOMIC_RELAXED);
-    if (since != e->own_since) {
-        e->own_since = since;
-        e->own_samples = 0;
+    for (int i = 0; i < e->nnics; i++) {
+        atx_own_region *r = &e->own[i];
+        uint64_t moves, ut = 0, st = 0, ticks;
+        int taken;
+        if (!r->head) continue;
+        taken = atx_shm_region_taken(r->head, &moves);
+        if (!taken || moves != r->moves || (since && thread_times(tid, &ut, &st))) {
+            r->moves = moves;
+            r->since = 0;
+            continue;
+        }
+        if (!r->since || (since && (since != r->call || tid != r->tid))) {
+            /* a new window: taken and still from now on */
+            r->since = t;
+            r->call = since;
+            r->tid = tid;
+            r->ut = ut;
+            r->st = st;
+            continue;
+        }
+        if (t < r->since + ATX_OWN_STUCK_NS) continue;
+        ticks = (t - r->since) * (uint64_t)sysconf(_SC_CLK_TCK) / 1000000000ULL;
+        r->since = 0;   /* a new window after this one, whatever it shows */
+        if (r->call && (st - r->st > 1 || (ut - r->ut) * 4 < ticks)) continue;   /* ours copies */
+        if (!atx_shm_dead_peer()) continue;
+        if (atx_shm_release_region(r->head))
+            __atomic_add_fetch(&e->nics[0].stats.locks_released, 1, __ATOMIC_RELAXED);
     }
-    if (!atx_shm_own_taken(e->shm_name_p, e->nnics, &dead) || thread_times(tid, &ut, &st)) {
-        e->own_samples = 0;
-        return;
-    }
-    if (e->own_samples++ == 0) {
-        e->own_t0 = t;
-        e->own_ut0 = ut;
-        e->own_st0 = st;
-        return;
-    }
-    if (t < e->own_t0 + ATX_OWN_STUCK_NS) return;
-    e->own_samples = 0;   /* a new window after this one, whatever it shows */
-    ticks = (t - e->own_t0) * (uint64_t)sysconf(_SC_CLK_TCK) / 1000000000ULL;
-    if (!dead || st - e->own_st0 > 1 || (ut - e->own_ut0) * 4 < ticks) return;
-    n = atx_shm_release_own(e->shm_name_p, e->nnics);
-    if (n) __atomic_add_fetch(&e->nics[0].stats.locks_released, (uint64_t)n, __ATOMIC_RELAXED);
 }
 
 static void unstick_if_stuck(atx_engine *e, uint64_t t) {
     uint64_t since = __atomic_load_n(&e->post_since, __ATOMIC_RELAXED);
     int n;
-    if (!since || t < since + ATX_STUCK_NS) {
-        e->own_samples = 0;
-        return;
-    }
-    if (t >= e->unstick_at + ATX_STUCK_NS) {
-        e->unstick_at = t;
-        n = atx_shm_unstick();
-        if (n) __atomic_add_fetch(&e->nics[0].stats.locks_released, (uint64_t)n, __ATOMIC_RELAXED);
-    }
-    own_check(e, since, t);
+    own_watch(e, t);
+    if (!since || t < since + ATX_STUCK_NS || t < e->unstick_at + ATX_STUCK_NS) return;
+    e->unstick_at = t;
+    n = atx_shm_unstick();
+    if (n) __atomic_add_fetch(&e->nics[0].stats.locks_released, (uint64_t)n, __ATOMIC_RELAXED);
 }
 
 static void *watch_main(void *arg) {
@@ -2312,6 +2321,8 @@ static void shutdown_worker(atx_engine *e) {
         if (!busy || now_ns() > deadline) break;
         sched_yield();
     }
+    /* the watch reads our regions: out of its list before they go */
+    if (e->is_shm) watch_remove(e);
     pthread_mutex_lock(&g_lifecycle_lock);
     for (int i = 0; i < e->nnics; i++) {
         if (e->nics[i].ep) {
@@ -2710,16 +2721,13 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     }
     if (e->cfg.max_chunk > (1ULL << 30)) e->cfg.max_chunk = 1ULL << 30;
     for (int i = 0; e->is_shm && i < e->nnics; i++) {
-        /* our region's name: the endpoint name without "fi_shm://" */
+        /* our region: mapped from /dev/shm/<endpoint name without "fi_shm://"> */
         char name[256];
         size_t len = sizeof(name) - 1;
-        const char *s = name;
         memset(name, 0, sizeof(name));
         if (fi_getname(&e->nics[i].ep->fid, name, &len) == 0 &&
             strncmp(name, "fi_shm://", 9) == 0)
-            s = name + 9;
-        snprintf(e->shm_names[i], sizeof(e->shm_names[i]), "%s", s);
-        e->shm_name_p[i] = e->shm_names[i];
+            e->own[i].head = atx_shm_own_region(name + 9);
     }
 
     rc = pthread_create(&e->thread, NULL, worker_main, e);

@@ -24,15 +24,18 @@
  * Our own region's lock.  An initiator takes it to post into our region;
  * over the copy lane (atx.c, post_one) it holds it for the whole copy of a
  * write into our memory (process_vm_writev, up to 16 MiB: milliseconds).
- * An initiator killed meanwhile leaves it taken, and our next poll spins
- * for ever (seen: one random writer kill in ten at 1 MiB, the target's
- * event loop frozen inside fi_cq_read).  The lock records no holder, so
- * atx.c decides from the outside, and only when every sign agrees: its
- * thread has been inside one provider call for a second, spinning in user
- * mode (its CPU time all user time: not copying, which is kernel time),
- * one of the engine's own regions has been seen taken all that time, and
- * a process that mapped a region of its own next to ours is gone.  Then
- * atx_shm_release_own frees the engine's own taken locks.
+ * An initiator killed meanwhile leaves it taken: our next poll spins for
+ * ever once the region is signalled (seen: one random writer kill in ten
+ * at 1 MiB, the target's event loop frozen inside fi_cq_read), and so does
+ * any other process's next post into it.  The lock records no holder, so
+ * the owner's watch (atx.c, own_watch) decides from the outside, and only
+ * when every sign agrees: the lock seen taken at every look for a second
+ * with the region's command queue still (nobody posted, nobody drained:
+ * no live poster or drain cycles the lock like that); if a thread of the
+ * engine is inside a provider call all that time, its CPU time all user
+ * time (spinning; a copy of our own would be kernel time); and a process
+ * that mapped a region of its own next to ours is gone.  Then
+ * atx_shm_release_region frees it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -156,48 +159,48 @@ int atx_shm_unstick(void) {
 
 /* ---- our own regions */
 
-struct own_scan {
-    const char *const *names;
-    int nnames;
-    int taken;      /* own regions whose lock is taken */
-    int dead;       /* regions of gone processes */
-    int released;
+struct find_own {
+    const char *name;
+    struct smr117_head *head;
 };
 
-static int is_own(const struct own_scan *o, const struct smr117_head *h, const char *name) {
-    if (h->pid != (int)getpid()) return 0;
-    for (int i = 0; i < o->nnames; i++)
-        if (strcmp(o->names[i], name) == 0) return 1;
-    return 0;
+static void find_own(struct smr117_head *h, const char *name, void *arg) {
+    struct find_own *f = arg;
+    if (h->pid == (int)getpid() && strcmp(name, f->name) == 0) f->head = h;
 }
 
-static void look_own(struct smr117_head *h, const char *name, void *arg) {
-    struct own_scan *o = arg;
-    if (is_own(o, h, name)) {
-        /* a plain read of the lock word: glibc's x86-64 spin lock is free at
-         * 1 (any other platform: trylock would take it, so do not guess) */
+void *atx_shm_own_region(const char *name) {
+    struct find_own f = {name, NULL};
+    each_region(find_own, &f);
+    if (f.head && f.head->cmd_queue_offset > f.head->total_size - 4 * sizeof(size_t))
+        return NULL;
+    return f.head;
+}
+
+int atx_shm_region_taken(void *head, uint64_t *moves) {
+    const struct smr117_head *h = head;
+    const volatile size_t *q = (const volatile size_t *)((const char *)head + h->cmd_queue_offset);
+    *moves = (uint64_t)(q[2] + q[3]);   /* the command queue's read + write counts */
 #if defined(__x86_64__)
-        if (__atomic_load_n((const volatile int *)&h->lock, __ATOMIC_RELAXED) != 1) o->taken++;
+    /* a plain read of the lock word: glibc's x86-64 spin lock is free at 1
+     * (elsewhere a trylock would take it, so do not guess) */
+    return __atomic_load_n((const volatile int *)&h->lock, __ATOMIC_RELAXED) != 1;
+#else
+    return 0;
 #endif
-    } else if (h->pid != (int)getpid() && owner_gone(h->pid)) {
-        o->dead++;
-    }
 }
 
-int atx_shm_own_taken(const char *const *names, int nnames, int *dead_peers) {
-    struct own_scan o = {names, nnames, 0, 0, 0};
-    each_region(look_own, &o);
-    if (dead_peers) *dead_peers = o.dead;
-    return o.taken;
+static void any_dead(struct smr117_head *h, const char *name, void *arg) {
+    (void)name;
+    if (h->pid != (int)getpid() && owner_gone(h->pid)) *(int *)arg = 1;
 }
 
-static void release_own(struct smr117_head *h, const char *name, void *arg) {
-    struct own_scan *o = arg;
-    if (is_own(o, h, name)) o->released += release(&h->lock);
+int atx_shm_dead_peer(void) {
+    int dead = 0;
+    each_region(any_dead, &dead);
+    return dead;
 }
 
-int atx_shm_release_own(const char *const *names, int nnames) {
-    struct own_scan o = {names, nnames, 0, 0, 0};
-    each_region(release_own, &o);
-    return o.released;
+int atx_shm_release_region(void *head) {
+    return release(&((struct smr117_head *)head)->lock);
 }

@@ -2,6 +2,7 @@
  * (see shm_unstick.c). */
 #ifndef ATX_SHM_UNSTICK_H
 #define ATX_SHM_UNSTICK_H
+#include <stdint.h>
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -10,14 +11,20 @@ extern "C" {
  * process no longer exists.  Returns the number released. */
 int atx_shm_unstick(void);
 
-/* Our own regions: those mapped from /dev/shm/<names[i]> and owned by this
- * process.  How many have their lock taken now (x86-64 only; elsewhere 0);
- * *dead_peers: how many mapped regions belong to processes that are gone. */
-int atx_shm_own_taken(const char *const *names, int nnames, int *dead_peers);
+/* The head of our own region mapped from /dev/shm/<name> (1.17 layout,
+ * owned by this process), or NULL.  Valid while the endpoint is open. */
+void *atx_shm_own_region(const char *name);
 
-/* Release the taken locks of our own regions named in names.  Returns the
- * number released.  Only for a lock whose holder is known to be gone. */
-int atx_shm_release_own(const char *const *names, int nnames);
+/* Is the region's lock taken (x86-64 only; elsewhere 0)?  *moves: a count
+ * that changes whenever a command is queued or taken off its queue. */
+int atx_shm_region_taken(void *head, uint64_t *moves);
+
+/* Is any mapped 1.17 region's owner process gone? */
+int atx_shm_dead_peer(void);
+
+/* Release the region's lock; 1 if it was taken.  Only for a lock whose
+ * holder is known to be gone. */
+int atx_shm_release_region(void *head);
 
 #ifdef __cplusplus
 }

@@ -386,6 +386,27 @@ def _take_region_lock(name: str, owner: int, signal_owner: bool = False):
     return m
 
 
+def streaming_writer_main(conn, provider: str, size: int) -> None:
+    """Child: streams windows of 64 writes of `size` bytes (immediate 1) into
+    the parent's region until SIGKILLed."""
+    _run_child(conn, lambda c: _streaming_writer(c, provider, size))
+
+
+async def _streaming_writer(conn, provider: str, size: int) -> None:
+    async with aiotransfer.TransferEngine(provider=provider, nics=nics_for(provider)) as engine:
+        kind, desc = await pipe_recv(conn)
+        assert kind == "target", kind
+        mr = engine.register(random_bytes(np.random.default_rng(1), 64 * size))
+        window = [engine.write(mr, desc, length=size, src_offset=i * size, dst_offset=i * size,
+                               imm=1) for i in range(64)]
+        await asyncio.gather(*window)
+        conn.send(("writing",))
+        while True:
+            await asyncio.gather(*[engine.write(mr, desc, length=size, src_offset=i * size,
+                                                dst_offset=i * size, imm=1)
+                                   for i in range(64)])
+
+
 def locked_target_main(conn) -> None:
     """Child: a shm engine with one region; on "lock" it takes the spin locks
     of its own endpoints' shm regions, as its progress does while it copies,

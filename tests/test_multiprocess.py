@@ -270,6 +270,47 @@ async def test_shm_writer_dead_holding_our_region_lock(make_engine, children, pr
 
 @pytest.mark.slow
 @pytest.mark.timeout(600, method="thread")
+async def test_cross_process_writer_killed_at_random_moments(make_engine, children, provider,
+                                                             rng, seed):
+    """Soak of the kill above, the other way round: a writer streams windows
+    of 64 writes of 1 MiB into our region (on shm half of them over the copy
+    lane, each holding our region's lock for its whole copy) and is SIGKILLed
+    at a random moment, ten times on shm, three elsewhere.  Each time our
+    engine must go on polling (a wait for an immediate that never comes ends
+    in TimeoutError) and take a new writer's write, every byte checked."""
+    size = min(MAX_TRANSFER[provider], 1 * MiB)
+    released = 0
+    for trial in range(10 if provider == "shm" else 3):
+        faulthandler.dump_traceback_later(120, exit=True)   # a spin holds the GIL
+        target = await make_engine(provider)
+        dst = np.zeros(64 * size, np.uint8)
+        dmr = target.register(dst)
+        proc, conn = children.start(peers.streaming_writer_main, provider, size)
+        try:
+            conn.send(("target", dmr.descriptor))
+            await expect(conn, "writing")
+            await asyncio.sleep(float(rng.uniform(0, 0.3)))
+            proc.kill()
+            assert await join(proc) == -9
+            with pytest.raises(TimeoutError):
+                await target.expect_imm(9, 1, timeout=3)   # the loop polls meanwhile
+            sender = await make_engine(provider)
+            src = random_bytes(rng, size)
+            await asyncio.wait_for(sender.write(sender.register(src), dmr.descriptor, imm=10), 30)
+            await target.expect_imm(10, 1, timeout=30)
+            assert_bytes(dst[:size], src, f"seed={seed} trial {trial}: after the writer died")
+            released += sum(s["locks_released"] for s in target.stats())
+            await asyncio.wait_for(sender.close(), 30)
+            await asyncio.wait_for(target.close(), 30)
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+            if provider == "shm":
+                remove_shm_leftovers(proc.pid)
+    print(f"{provider}: our locks released after a writer died: {released}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600, method="thread")
 async def test_cross_process_target_killed_at_random_moments(make_engine, children, provider,
                                                              rng):
     """Soak of the kill above: five times, a burst of 5,000 writes of 64 KiB
