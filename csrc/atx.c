@@ -55,8 +55,8 @@
 #define ATX_GAP_WIN_MAX_NS 4000000ULL /* ...and keeps a poller polling at most this long */
 #define ATX_INFLIGHT_POLL_NS 50000000ULL /* the app's loop, work in flight: polls this long
                                            * after the last completion */
-#define ATX_STUCK_NS 50000000ULL      /* a post inside the provider this long: see shm_unstick.c */
-#define ATX_OWN_STUCK_NS 1000000000ULL /* a call spinning on our own region's lock this long */
+#define ATX_STUCK_NS 50000000ULL      /* a call inside the provider this long: see shm_unstick.c */
+#define ATX_OWN_STUCK_NS 1000000000ULL /* our own region's lock taken, its queue still, this long */
 #define ATX_DRAIN_NS 2000000000ULL    /* close: wait this long for posted requests */
 #define ATX_COALESCE_NS 25000ULL      /* hold a wake-up back at most this long */
 #define ATX_COALESCE_MAX 64           /* ...or until this many records wait */
@@ -272,7 +272,7 @@ struct atx_engine {
      * thread hop), polling the CQ only when the provider pushes back. */
     pthread_mutex_t prog_lock;
     uint64_t app_ts;                   /* last inline progress by the app */
-    uint64_t post_since;               /* a thread is inside a post or poll since (0: none) */
+    uint64_t call_since;               /* a thread is inside a post or poll since (0: none) */
     pid_t inside_tid;                  /* ... that thread */
     uint64_t unstick_at;               /* last look for dead shm lock holders */
     /* shm: our own regions, as the watch sees them (own_watch) */
@@ -666,13 +666,15 @@ static int op_targets_valid(const atx_engine *e, const atx_op *op) {
     }
 }
 
-/* shm engines' posts can spin for ever on the region lock of a peer that
- * died holding it (see shm_unstick.c); whichever thread of the engine is
- * inside that post (the app's or the worker) cannot get out by itself.  One
- * watch thread per process looks, every ATX_STUCK_NS, at the shm engines
- * that are open, and for one whose post has been inside the provider for
- * ATX_STUCK_NS, releases the locks of dead owners.  It runs while a shm
- * engine is open (20 wake-ups a second) and exits with the last one. */
+/* shm engines' posts and polls can spin for ever on a region lock left
+ * taken by a process that died holding it (see shm_unstick.c); whichever
+ * thread of the engine is inside that call (the app's or the worker) cannot
+ * get out by itself.  One watch thread per process looks, every
+ * ATX_STUCK_NS, at the shm engines that are open: at their own regions
+ * (own_watch), and, for one whose call has been inside the provider for
+ * ATX_STUCK_NS, at its peers' regions, releasing the locks of dead owners.
+ * It runs while a shm engine is open (20 wake-ups a second) and exits with
+ * the last one. */
 static pthread_mutex_t g_watch_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t g_watch_cond = PTHREAD_COND_INITIALIZER;
 static atx_engine **g_watch;                 /* open shm engines */
@@ -687,12 +689,12 @@ static pid_t my_tid(void) {
 
 /* Around every post and CQ read: the watch's view of a call that does not
  * return (and of the thread inside it). */
-static inline void post_enter(atx_engine *e) {
+static inline void call_enter(atx_engine *e) {
     __atomic_store_n(&e->inside_tid, my_tid(), __ATOMIC_RELAXED);
-    __atomic_store_n(&e->post_since, e->now | 1, __ATOMIC_RELAXED);   /* never 0 */
+    __atomic_store_n(&e->call_since, e->now | 1, __ATOMIC_RELAXED);   /* never 0 */
 }
-static inline void post_exit(atx_engine *e) {
-    __atomic_store_n(&e->post_since, 0, __ATOMIC_RELAXED);
+static inline void call_exit(atx_engine *e) {
+    __atomic_store_n(&e->call_since, 0, __ATOMIC_RELAXED);
 }
 
 /* A thread's user and system CPU time, in clock ticks (0, or -1). */
@@ -721,7 +723,7 @@ static int thread_times(pid_t tid, uint64_t *ut, uint64_t *st) {
  * engine's thread (if one is inside a provider call all that time)
  * spinning in user mode, and a peer process gone. */
 static void own_watch(atx_engine *e, uint64_t t) {
-    uint64_t since = __atomic_load_n(&e->post_since, __ATOMIC_RELAXED);
+    uint64_t since = __atomic_load_n(&e->call_since, __ATOMIC_RELAXED);
     pid_t tid = __atomic_load_n(&e->inside_tid, __ATOMIC_RELAXED);
     for (int i = 0; i < e->nnics; i++) {
         atx_own_region *r = &e->own[i];
@@ -754,7 +756,7 @@ static void own_watch(atx_engine *e, uint64_t t) {
 }
 
 static void unstick_if_stuck(atx_engine *e, uint64_t t) {
-    uint64_t since = __atomic_load_n(&e->post_since, __ATOMIC_RELAXED);
+    uint64_t since = __atomic_load_n(&e->call_since, __ATOMIC_RELAXED);
     int n;
     own_watch(e, t);
     if (!since || t < since + ATX_STUCK_NS || t < e->unstick_at + ATX_STUCK_NS) return;
@@ -1438,24 +1440,37 @@ static void op_wr(const atx_op *op, uint64_t i, void **lbuf, size_t *len, uint64
  * endpoints of one NIC drain from one link) and whose lane to p is up; ties
  * go round-robin.  -1: no NIC has room; -2: only NICs whose lane to p is
  * down have room. */
-static int choose_nic(atx_engine *e, uint64_t len, const atx_peer *p) {
+static int nic_has_room(const atx_nic *n) {
+    return n->tx_free && !n->tx_blocked;
+}
+
+/* Is our NIC i's lane to peer p up (and not pushed back since the last poll)? */
+static int lane_open(const atx_nic *n, const atx_peer *p, int i) {
+    return !p->down[i] && p->eagain_at[i] != n->stats.polls + 1;
+}
+
+/* prefer: a NIC to take whenever it can (-1: none) */
+static int choose_nic(atx_engine *e, uint64_t len, const atx_peer *p, int prefer) {
     int best = -1;
     unsigned __int128 best_cost = 0;
     uint64_t best_w = 1;
     int lane_down = 0;
     if (e->nnics == 1) {
         atx_nic *n = &e->nics[0];
-        if (!n->tx_free || n->tx_blocked) return -1;
-        return p->down[0] || p->eagain_at[0] == n->stats.polls + 1 ? -2 : 0;
+        if (!nic_has_room(n)) return -1;
+        return lane_open(n, p, 0) ? 0 : -2;
     }
+    if (prefer >= 0 && nic_has_room(&e->nics[prefer]) && e->nics[prefer].weight &&
+        lane_open(&e->nics[prefer], p, prefer))
+        return prefer;
     for (int k = 0; k < e->nnics; k++) {
         int i = (int)((e->rr_nic + (unsigned)k) % (unsigned)e->nnics);
         atx_nic *n = &e->nics[i];
         uint64_t load;
-        if (!n->tx_free || n->tx_blocked || !n->weight) continue;
+        if (!nic_has_room(n) || !n->weight) continue;
         if (e->ndoms > 1 && n->inflight_bytes && n->inflight_bytes + len > e->cfg.nic_budget)
             continue;
-        if (p->down[i] || p->eagain_at[i] == n->stats.polls + 1) {
+        if (!lane_open(n, p, i)) {
             lane_down = 1;   /* (or pushed back since the last poll) */
             continue;
         }
@@ -1528,18 +1543,9 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
     if (p->skip_pass == e->pass) return 1;   /* its peer held this pass up */
     if (with_imm && !is_retry && p->slot == SLOT_WAIT)
         return 1;   /* its token slot is on the way (MSG_HELLO_ACK) */
-    nic = -1;
-    if (wr == ATX_WR_TAIL && op->copy_nic) {
-        /* the immediate of a copy-lane write: the same lane, whose region
-         * the target holds only briefly (the other is locked while the
-         * target copies) */
-        int k = op->copy_nic - 1;
-        atx_nic *cn = &e->nics[k];
-        if (cn->tx_free && !cn->tx_blocked && cn->weight && !p->down[k] &&
-            p->eagain_at[k] != cn->stats.polls + 1)
-            nic = k;
-    }
-    if (nic < 0) nic = choose_nic(e, len, p);
+    /* the immediate of a copy-lane write prefers the same lane, whose region
+     * the target holds only briefly (the other is locked while it copies) */
+    nic = choose_nic(e, len, p, wr == ATX_WR_TAIL ? op->copy_nic - 1 : -1);
     *nic_out = nic;
     if (nic < 0) return 1;   /* -1: no NIC has room; -2: none with a lane up to p */
     n = &e->nics[nic];
@@ -1553,9 +1559,9 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
         }
         if (op->msg_mr) desc = fi_mr_desc(op->msg_mr);
         c = ctx_get(n);
-        post_enter(e);
+        call_enter(e);
         rc = (int)fi_send(n->ep, op->msg, op->msglen, desc, fa, c);
-        post_exit(e);
+        call_exit(e);
     } else {
         struct fi_msg_rma msg;
         struct iovec iov;
@@ -1619,9 +1625,9 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
         msg.context = c;
         msg.data = data;
         /* (a shm post spins on the peer's region lock: see shm_unstick.c) */
-        post_enter(e);
+        call_enter(e);
         rc = (int)fi_writemsg(n->ep, &msg, flags);
-        post_exit(e);
+        call_exit(e);
     }
     if (rc) {
         ctx_put(n, c);
@@ -1942,9 +1948,9 @@ static size_t poll_cq(atx_engine *e, atx_nic *n, int rounds) {
     n->tx_blocked = 0;   /* this poll progressed the provider: posting may go on */
     for (int round = 0; round < rounds; round++) {
         ssize_t got;
-        post_enter(e);   /* (a shm CQ read spins on our own region's lock) */
+        call_enter(e);   /* (a shm CQ read spins on our own region's lock) */
         got = fi_cq_read(n->cq, ents, ATX_CQ_BATCH);
-        post_exit(e);
+        call_exit(e);
         n->stats.polls++;
         if (got == -FI_EAGAIN) break;
         if (got == -FI_EAVAIL) {
@@ -2083,9 +2089,9 @@ static void lane_probe(atx_engine *e, uint64_t pi, int l) {
     int rc;
     if (!n->tx_free || n->pub.mr_local) return;   /* (mr_local: no descriptor for it) */
     c = ctx_get(n);
-    post_enter(e);
+    call_enter(e);
     rc = (int)fi_send(n->ep, &probe, 1, NULL, p->fa[l][p->route[l][0]], c);
-    post_exit(e);
+    call_exit(e);
     if (rc) {
         ctx_put(n, c);
         return;

@@ -146,9 +146,14 @@ static int release(pthread_spinlock_t *lock) {
     return was_taken;
 }
 
+/* A peer's region (not ours) whose owner process is gone. */
+static int peer_gone(const struct smr117_head *h) {
+    return h->pid != (int)getpid() && owner_gone(h->pid);
+}
+
 static void release_dead_owner(struct smr117_head *h, const char *name, void *arg) {
     (void)name;
-    if (h->pid != (int)getpid() && owner_gone(h->pid)) *(int *)arg += release(&h->lock);
+    if (peer_gone(h)) *(int *)arg += release(&h->lock);
 }
 
 int atx_shm_unstick(void) {
@@ -192,7 +197,7 @@ int atx_shm_region_taken(void *head, uint64_t *moves) {
 
 static void any_dead(struct smr117_head *h, const char *name, void *arg) {
     (void)name;
-    if (h->pid != (int)getpid() && owner_gone(h->pid)) *(int *)arg = 1;
+    if (peer_gone(h)) *(int *)arg = 1;
 }
 
 int atx_shm_dead_peer(void) {

@@ -15,7 +15,7 @@ import signal
 import tempfile
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -33,6 +33,19 @@ ECHO_IMM = 0xEC40
 def _child_setup() -> None:
     """Run children in the temp dir: crash reports land there, not in the project."""
     os.chdir(tempfile.gettempdir())
+
+
+def _run_child(conn, main: Callable[[], Any]) -> Any:
+    """In a child: set up, then asyncio.run(main()) and return its result;
+    anything raised is reported to the parent on conn, then re-raised (the
+    child exits non-zero)."""
+    _child_setup()
+    try:
+        return asyncio.run(main())
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.send(("error", traceback.format_exc()))
+        raise
 
 
 async def pipe_recv(conn, timeout: float = STEP_TIMEOUT) -> Any:
@@ -66,14 +79,7 @@ def _enter(where: dict | None) -> Any:
 def receiver_main(conn, provider: str, plan: dict, where: dict | None = None) -> None:
     """Child: own engine + regions; verify every byte, immediate and message.
     ``where``: {"netns": testbed host, "nics": [...]} to run on a testbed host."""
-    _child_setup()
-    try:
-        nics = _enter(where)
-        asyncio.run(_receiver(conn, provider, plan, nics))
-    except BaseException:  # report anything to the parent, then exit non-zero
-        with contextlib.suppress(Exception):
-            conn.send(("error", traceback.format_exc()))
-        raise
+    _run_child(conn, lambda: _receiver(conn, provider, plan, _enter(where)))
 
 
 async def _receiver(conn, provider: str, plan: dict, nics: Any = None) -> None:
@@ -272,14 +278,7 @@ def sender_main(conn, provider: str, where: dict, ops: list[tuple], src_seed: in
                 src_size: int) -> None:
     """Child: on a testbed host, run a PlanBuilder's operations against the
     receivers' descriptors; report per-NIC stats."""
-    _child_setup()
-    try:
-        nics = _enter(where)
-        asyncio.run(_sender(conn, provider, nics, ops, src_seed, src_size))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.send(("error", traceback.format_exc()))
-        raise
+    _run_child(conn, lambda: _sender(conn, provider, _enter(where), ops, src_seed, src_size))
 
 
 async def _sender(conn, provider: str, nics: Any, ops: list[tuple], src_seed: int,
@@ -307,13 +306,7 @@ def writer_main(conn, provider: str, how: str, seed: int) -> None:
 
     how="close": close the engine with writes in flight, report, exit.
     how="kill": keep writing until SIGKILLed by the parent."""
-    _child_setup()
-    try:
-        asyncio.run(_writer(conn, provider, how, seed))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.send(("error", traceback.format_exc()))
-        raise
+    _run_child(conn, lambda: _writer(conn, provider, how, seed))
 
 
 async def _writer(conn, provider: str, how: str, seed: int) -> None:
@@ -349,17 +342,6 @@ async def _writer(conn, provider: str, how: str, seed: int) -> None:
 SMR117_VERSION, SMR117_PID_OFFSET, SMR117_LOCK_OFFSET = 4, 4, 24
 
 
-def _run_child(conn, main) -> None:
-    """Run coroutine function main(conn) in this child; report a failure."""
-    _child_setup()
-    try:
-        asyncio.run(main(conn))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.send(("error", traceback.format_exc()))
-        raise
-
-
 def _take_region_lock(name: str, owner: int, signal_owner: bool = False):
     """Map /dev/shm/<name>, check it is a libfabric 1.17 shm region head of
     process `owner`, take its spin lock as the provider does (glibc: on
@@ -389,7 +371,7 @@ def _take_region_lock(name: str, owner: int, signal_owner: bool = False):
 def streaming_writer_main(conn, provider: str, size: int) -> None:
     """Child: streams windows of 64 writes of `size` bytes (immediate 1) into
     the parent's region until SIGKILLed."""
-    _run_child(conn, lambda c: _streaming_writer(c, provider, size))
+    _run_child(conn, lambda: _streaming_writer(conn, provider, size))
 
 
 async def _streaming_writer(conn, provider: str, size: int) -> None:
@@ -411,7 +393,7 @@ def locked_target_main(conn) -> None:
     """Child: a shm engine with one region; on "lock" it takes the spin locks
     of its own endpoints' shm regions, as its progress does while it copies,
     reports how many, and waits to be SIGKILLed holding them."""
-    _run_child(conn, _locked_target)
+    _run_child(conn, lambda: _locked_target(conn))
 
 
 async def _locked_target(conn) -> None:
@@ -434,7 +416,7 @@ def locking_writer_main(conn) -> None:
     locks of those regions of the parent, as a copy-lane post does while it
     copies, reports them and SIGKILLs itself holding them (the parent's
     event loop may already spin on them, unable to kill us)."""
-    _run_child(conn, _locking_writer)
+    _run_child(conn, lambda: _locking_writer(conn))
 
 
 async def _locking_writer(conn) -> None:
@@ -458,14 +440,7 @@ async def _locking_writer(conn) -> None:
 def isolated_main(conn, name: str, args: tuple) -> None:
     """Child: run one scenario of this module (so that a crash inside
     libfabric fails one test instead of killing the whole test run)."""
-    _child_setup()
-    try:
-        result = asyncio.run(SCENARIOS[name](*args))
-        conn.send(("ok", result))
-    except BaseException:
-        with contextlib.suppress(Exception):
-            conn.send(("error", traceback.format_exc()))
-        raise
+    conn.send(("ok", _run_child(conn, lambda: SCENARIOS[name](*args))))
 
 
 class EngineFactory:
