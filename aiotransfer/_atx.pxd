@@ -122,6 +122,8 @@ cdef extern from "atx.h" nogil:
     int atx_imm_cancel(atx_engine *e, uint32_t imm, uint64_t id)
     void atx_imm_credit(atx_engine *e, uint32_t imm, uint64_t n)
     void atx_imm_value(atx_engine *e, uint32_t imm, uint64_t *available, uint64_t *total)
+    void atx_imm_pin(atx_engine *e, uint32_t imm, int pin)
+    size_t atx_imm_values(atx_engine *e)
 
     size_t atx_progress(atx_engine *e)
     void atx_app_polling(atx_engine *e, int on)

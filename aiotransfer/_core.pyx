@@ -368,6 +368,16 @@ cdef class CoreEngine:
             atx_imm_value(self.e, imm, &avail, &total)
         return avail, total
 
+    def imm_pin(self, uint32_t imm, bint pin):
+        """An ImmCounter view of imm came (pin) or went: a viewed value's
+        counter is never forgotten.  Keeps the GIL: serialised with destroy()."""
+        if self.e != NULL:
+            atx_imm_pin(self.e, imm, 1 if pin else 0)
+
+    def imm_values(self):
+        """Distinct immediate values the counter table holds now."""
+        return atx_imm_values(self.e) if self.e != NULL else 0
+
     # ----------------------------------------------------------- completions
 
     def drain(self):

@@ -282,15 +282,25 @@ class ImmCounter:
     """Arrivals of one immediate value at this engine.
 
     ``value`` is the number of arrivals not yet consumed by a waiter,
-    ``total`` every arrival so far; ``await wait(n)`` consumes n arrivals
-    (exactly like ``engine.expect_imm(imm, n)``).
+    ``total`` every arrival since the engine began counting this value;
+    ``await wait(n)`` consumes n arrivals (exactly like
+    ``engine.expect_imm(imm, n)``).  While any ImmCounter of a value is
+    alive, the engine keeps that value's counter (and so its ``total``); see
+    docs/semantics.md for when an unwatched, idle value is forgotten.
     """
 
-    __slots__ = ("_engine", "imm")
+    __slots__ = ("_engine", "_core", "imm")
 
     def __init__(self, engine: "TransferEngine", imm: int) -> None:
         self._engine = engine
         self.imm = imm
+        self._core = engine._core_or_closed()
+        self._core.imm_pin(imm, True)
+
+    def __del__(self) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None:
+            core.imm_pin(self.imm, False)    # a no-op once the engine is closed
 
     @property
     def value(self) -> int:
@@ -668,6 +678,12 @@ class TransferEngine:
     def pending(self) -> int:
         """Operations whose completion has not arrived yet."""
         return len(self._c.ops) if self._c is not None else 0
+
+    @property
+    def imm_values(self) -> int:
+        """Distinct immediate values the counter table holds now (idle ones
+        are forgotten past 2048: docs/semantics.md)."""
+        return self._core.imm_values() if self._core is not None else 0
 
     # --------------------------------------------------------------- memory
 

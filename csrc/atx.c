@@ -61,6 +61,7 @@
 #define ATX_COALESCE_NS 25000ULL      /* hold a wake-up back at most this long */
 #define ATX_COALESCE_MAX 64           /* ...or until this many records wait */
 #define ATX_MAX_COUNTERS (1u << 20)   /* distinct immediate values counted at once */
+#define ATX_CTAB_KEEP 2048            /* idle counters kept while the table is this small */
 #define ATX_STRIPE (512u << 10)       /* several NICs: single writes split into these */
 #define ATX_NIC_BUDGET (8u << 20)     /* several NICs: bytes in flight per NIC */
 #define ATX_WR_COST 4096u             /* selector: a work request weighs like this many bytes */
@@ -212,6 +213,7 @@ typedef struct atx_waiter {
 typedef struct atx_counter {
     uint32_t imm;
     int used;
+    uint32_t pins;                     /* live ImmCounter views of this value */
     uint64_t avail, total;
     atx_waiter *head, *tail;
 } atx_counter;
@@ -327,6 +329,8 @@ struct atx_engine {
     pthread_mutex_t imm_lock;
     atx_counter *ctab;
     size_t ctab_cap, ctab_used;
+    uint32_t ctab_key;                 /* keys ctab_home */
+    size_t ctab_keep;                  /* idle counters kept: min(ATX_CTAB_KEEP, max/2) */
 };
 
 const char *atx_strerror(int err) { return fi_strerror(err < 0 ? -err : err); }
@@ -485,31 +489,37 @@ size_t atx_drain(atx_engine *e, atx_record *out, size_t max) {
 
 /* ----------------------------------------------------- immediate counters */
 
+/* A keyed mix (murmur3's finaliser of imm ^ a per-engine random key), so
+ * that a peer choosing values cannot pile them onto one probe run. */
+static size_t ctab_home(const atx_engine *e, uint32_t imm, size_t mask) {
+    uint32_t h = imm ^ e->ctab_key;
+    h ^= h >> 16; h *= 0x85ebca6bu; h ^= h >> 13; h *= 0xc2b2ae35u; h ^= h >> 16;
+    return h & mask;
+}
+
+/* With imm_lock held: rehash into a table of cap slots (a power of two). */
+static void ctab_resize(atx_engine *e, size_t cap) {
+    atx_counter *old = e->ctab;
+    size_t oc = e->ctab_cap, mask = cap - 1, i, j;
+    e->ctab = calloc(cap, sizeof(atx_counter));
+    if (!e->ctab) abort();
+    e->ctab_cap = cap;
+    for (j = 0; j < oc; j++) {
+        if (!old[j].used) continue;
+        i = ctab_home(e, old[j].imm, mask);
+        while (e->ctab[i].used) i = (i + 1) & mask;
+        e->ctab[i] = old[j];
+    }
+    free(old);
+}
+
 static atx_counter *ctab_find(atx_engine *e, uint32_t imm, int create) {
     size_t mask, i;
-    if (e->ctab_cap == 0) {
-        if (!create) return NULL;
-        e->ctab_cap = 64;
-        e->ctab = calloc(e->ctab_cap, sizeof(atx_counter));
-        if (!e->ctab) abort();
-    }
-    if (create && (e->ctab_used + 1) * 2 > e->ctab_cap) {
-        size_t oc = e->ctab_cap, j;
-        atx_counter *old = e->ctab;
-        e->ctab_cap = oc * 2;
-        e->ctab = calloc(e->ctab_cap, sizeof(atx_counter));
-        if (!e->ctab) abort();
-        mask = e->ctab_cap - 1;
-        for (j = 0; j < oc; j++) {
-            if (!old[j].used) continue;
-            i = (old[j].imm * 2654435761u) & mask;
-            while (e->ctab[i].used) i = (i + 1) & mask;
-            e->ctab[i] = old[j];
-        }
-        free(old);
-    }
+    if (e->ctab_cap == 0 && !create) return NULL;
+    if (create && (e->ctab_used + 1) * 2 > e->ctab_cap)
+        ctab_resize(e, e->ctab_cap ? e->ctab_cap * 2 : 64);
     mask = e->ctab_cap - 1;
-    i = (imm * 2654435761u) & mask;
+    i = ctab_home(e, imm, mask);
     while (e->ctab[i].used) {
         if (e->ctab[i].imm == imm) return &e->ctab[i];
         i = (i + 1) & mask;
@@ -519,6 +529,34 @@ static atx_counter *ctab_find(atx_engine *e, uint32_t imm, int create) {
     e->ctab[i].imm = imm;
     e->ctab_used++;
     return &e->ctab[i];
+}
+
+/* With imm_lock held: forget counter c if it is idle (nothing to consume, no
+ * waiter, no ImmCounter view) and the table holds more than ctab_keep values
+ * (ATX_CTAB_KEEP, or half the bound on values if that is less), so that an
+ * application naming a new value per request (or a peer sending many) does
+ * not fill the table for good.  Only the value's total is lost.
+ * Linear probing: delete by shifting back the entries of the probe run that
+ * follows (no tombstones).  Pointers into the table are invalid afterwards. */
+static void ctab_drop_if_idle(atx_engine *e, atx_counter *c) {
+    size_t mask, i, j, k;
+    if (!c || c->avail || c->head || c->pins || e->ctab_used <= e->ctab_keep) return;
+    mask = e->ctab_cap - 1;
+    i = j = (size_t)(c - e->ctab);
+    for (;;) {
+        j = (j + 1) & mask;
+        if (!e->ctab[j].used) break;
+        k = ctab_home(e, e->ctab[j].imm, mask);
+        /* entry j may fill hole i unless its home lies cyclically in (i, j] */
+        if (i <= j ? (i < k && k <= j) : (i < k || k <= j)) continue;
+        e->ctab[i] = e->ctab[j];
+        i = j;
+    }
+    memset(&e->ctab[i], 0, sizeof(atx_counter));
+    e->ctab_used--;
+    /* give back the memory of a burst of values once it is over */
+    if (e->ctab_cap > 4 * ATX_CTAB_KEEP && e->ctab_used * 8 < e->ctab_cap)
+        ctab_resize(e, e->ctab_cap / 2);
 }
 
 /* With imm_lock held: fire waiters whose threshold is met. */
@@ -558,6 +596,7 @@ static void imm_arrived(atx_engine *e, atx_nic *nic, uint32_t imm) {
         counter_fire(e, c, fired, &n, 8);
         for (size_t i = 0; i < n; i++) batch_push(e, &fired[i]);
     } while (n == 8);
+    ctab_drop_if_idle(e, c);
     pthread_mutex_unlock(&e->imm_lock);
 }
 
@@ -569,6 +608,7 @@ int atx_imm_expect(atx_engine *e, uint32_t imm, uint64_t need, uint64_t id) {
     if (!c->head && c->avail >= need) {
         c->avail -= need;
         rc = 1;
+        ctab_drop_if_idle(e, c);
     } else {
         atx_waiter *w = malloc(sizeof(*w));
         if (!w) abort();
@@ -605,6 +645,7 @@ int atx_imm_cancel(atx_engine *e, uint32_t imm, uint64_t id) {
         }
         /* removing the head may let the next waiter fire */
         if (found) counter_fire(e, c, fired, &n, 64);
+        ctab_drop_if_idle(e, c);
     }
     pthread_mutex_unlock(&e->imm_lock);
     rec_publish(e, fired, n, 1);
@@ -619,8 +660,30 @@ void atx_imm_credit(atx_engine *e, uint32_t imm, uint64_t nback) {
     c = ctab_find(e, imm, 1);
     c->avail += nback;
     counter_fire(e, c, fired, &n, 64);
+    ctab_drop_if_idle(e, c);
     pthread_mutex_unlock(&e->imm_lock);
     rec_publish(e, fired, n, 1);
+}
+
+void atx_imm_pin(atx_engine *e, uint32_t imm, int pin) {
+    atx_counter *c;
+    pthread_mutex_lock(&e->imm_lock);
+    c = ctab_find(e, imm, pin > 0);
+    if (c && pin > 0) {
+        c->pins++;
+    } else if (c && c->pins) {
+        c->pins--;
+        ctab_drop_if_idle(e, c);
+    }
+    pthread_mutex_unlock(&e->imm_lock);
+}
+
+size_t atx_imm_values(atx_engine *e) {
+    size_t n;
+    pthread_mutex_lock(&e->imm_lock);
+    n = e->ctab_used;
+    pthread_mutex_unlock(&e->imm_lock);
+    return n;
 }
 
 void atx_imm_value(atx_engine *e, uint32_t imm, uint64_t *avail, uint64_t *total) {
@@ -2669,6 +2732,9 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     if (e->cfg.nic_budget == 0) e->cfg.nic_budget = ATX_NIC_BUDGET;
     if (e->cfg.peer_timeout_ns == 0) e->cfg.peer_timeout_ns = ATX_PEER_TIMEOUT_NS;
     e->max_counters = env_u64("AIOTRANSFER_MAX_IMM_VALUES", 1, ATX_MAX_COUNTERS);
+    e->ctab_keep = e->max_counters / 2 < ATX_CTAB_KEEP ? e->max_counters / 2 : ATX_CTAB_KEEP;
+    if (getrandom(&e->ctab_key, sizeof(e->ctab_key), 0) != (ssize_t)sizeof(e->ctab_key))
+        e->ctab_key = (uint32_t)(now_ns() ^ (uint64_t)getpid() << 16);
     e->coalesce_ns = env_u64("AIOTRANSFER_COALESCE_US", 1000, ATX_COALESCE_NS);
     e->spin_ns = env_u64("AIOTRANSFER_SPIN_US", 1000, ATX_SPIN_NS);
     e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

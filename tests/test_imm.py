@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from support import assert_bytes, random_bytes, settle, wait_arrivals
+import aiotransfer
+from support import assert_bytes, random_bytes, settle, wait_arrivals, wait_until
 
 
 @pytest.fixture
@@ -317,3 +318,86 @@ async def test_counter_table_is_bounded_against_peers(make_engine, basic_provide
     await asyncio.sleep(0.05)
     await tx.write_imm(dmr.descriptor, 5000)
     await waiter
+
+
+async def test_idle_counters_are_forgotten_past_the_keep(make_engine, basic_provider, rng, seed):
+    """An application naming a new value per request does not fill the
+    table: once it holds more than 2048 values, a counter with nothing to
+    consume, no waiter and no ImmCounter view is forgotten.  Counters with
+    arrivals, waiters or views keep exact counts through the deletions (a
+    model checks every value), and consumed values make room again."""
+    tx = await make_engine(basic_provider)
+    rx = await make_engine(basic_provider)
+    d = rx.register(bytearray(64)).descriptor
+    base = int(rng.integers(0, 2 ** 31))
+    values = [(base + 7919 * k) % 2 ** 32 for k in range(12000)]   # table grows to 32768 slots, then shrinks
+    watched = {v: rx.imm_counter(v) for v in values[::233]}    # views: never forgotten
+    sent = {v: int(rng.integers(1, 3)) for v in values}
+    order = [v for v in values for _ in range(sent[v])]
+    rng.shuffle(order)
+    for i in range(0, len(order), 1000):                  # 1000 in flight at a time
+        await asyncio.gather(*[tx.write_imm(d, v) for v in order[i:i + 1000]])
+    await wait_until(lambda: rx.stats()[0]["imms_received"] == len(order), 60,
+                     "all immediates received")
+    assert rx.imm_values == len(values), f"seed={seed}"
+    # consume in random order, sometimes in two steps; half of the watched
+    # values keep one arrival
+    left = {}
+    for j in rng.permutation(len(values)):
+        v = values[int(j)]
+        keep = 1 if v in watched and v % 2 else 0
+        need = sent[v] - keep
+        if need == 2 and rng.random() < 0.5:
+            await rx.expect_imm(v, 1, timeout=0)
+            await rx.expect_imm(v, 1, timeout=0)
+        elif need:
+            await rx.expect_imm(v, need, timeout=0)
+        left[v] = keep
+    assert rx.imm_values == 2048, f"seed={seed}"
+    for v, c in watched.items():          # the views' books are exact
+        assert (c.value, c.total) == (left[v], sent[v]), f"seed={seed} imm {v}"
+    # the table still counts: new arrivals, waiters armed before and after
+    fresh = [(base + 1 + 7919 * k) % 2 ** 32 for k in range(300)]
+    early = [asyncio.ensure_future(rx.expect_imm(v, 2, timeout=60)) for v in fresh[::2]]
+    await asyncio.gather(*[tx.write_imm(d, v) for v in fresh for _ in range(2)])
+    await asyncio.gather(*early)
+    for v in fresh[1::2]:
+        await rx.expect_imm(v, 2, timeout=60)
+    for v in fresh:
+        with pytest.raises(TimeoutError):
+            await rx.expect_imm(v, 1, timeout=0)
+    del watched, c
+    assert rx.imm_values <= 2048 + 1, f"seed={seed}"
+
+
+async def test_consumed_values_make_room_under_the_bound(make_engine, basic_provider,
+                                                          monkeypatch):
+    """With the bound at 4 values, a full table of consumed values keeps only
+    half the bound, so new values from a peer are counted again."""
+    monkeypatch.setenv("AIOTRANSFER_MAX_IMM_VALUES", "4")
+    rx = await make_engine(basic_provider)
+    monkeypatch.delenv("AIOTRANSFER_MAX_IMM_VALUES")
+    tx = await make_engine(basic_provider)
+    d = rx.register(bytearray(64)).descriptor
+    for v in range(4):
+        await tx.write_imm(d, 10 + v)
+    for v in range(4):
+        await rx.expect_imm(10 + v, 1, timeout=30)
+    assert rx.imm_values == 2
+    for v in range(2):                       # room for two new values
+        await tx.write_imm(d, 20 + v)
+        await rx.expect_imm(20 + v, 1, timeout=30)
+    assert rx.stats()[0]["imms_dropped"] == 0
+    c = rx.imm_counter(30)                   # a view holds its value...
+    del c                                    # ...and gives it back
+    assert rx.imm_values == 2
+
+
+async def test_imm_counter_outlives_its_engine(make_engine, basic_provider):
+    """A view dropped after its engine closed does nothing (no crash)."""
+    e = await make_engine(basic_provider)
+    c = e.imm_counter(5)
+    await e.close()
+    with pytest.raises(aiotransfer.EngineClosedError):
+        c.value
+    del c
