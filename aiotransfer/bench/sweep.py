@@ -106,7 +106,7 @@ def run_sweep(points: list[tuple[Point, list[str]]], selected: list[str], repeat
               progress: bool = True, wait_idle: float = 0.0,
               checkpoint: Callable[[dict], None] | None = None) -> dict:
     """Run every point with every selected backend (alternating, `repeat`
-    times), then the idle measurements; returns the result document
+    times, the order reversed on every other repeat), then the idle measurements; returns the result document
     (``checkpoint(doc)`` gets the document so far after every point)."""
     backends = {s: Backend.parse(s) for s in dict.fromkeys(
         [b for _, bs in points for b in bs] + idle) if s in selected}
@@ -123,8 +123,10 @@ def run_sweep(points: list[tuple[Point, list[str]]], selected: list[str], repeat
     for point, specs in points:
         specs = [s for s in specs if s in runnable]
         runs: dict[str, list] = {s: [] for s in specs}
-        for _ in range(repeat):
-            for spec in specs:
+        for r in range(repeat):
+            # order reversed every other repeat (A B, B A, ...): a back-to-back
+            # pair favours neither side by going first
+            for spec in (specs if r % 2 == 0 else specs[::-1]):
                 bar.label = f"{point.mode} {fmt_size(point.size)} {spec}"
                 quiet = wait_quiet(wait_idle, interval=0.2) if wait_idle > 0 else None
                 try:
