@@ -1,4 +1,4 @@
-"""The C core's immediate-counter table against a model (tests/c/ctab_model.c).
+"""The C core's immediate-counter table against a model (tests/ctab_model.c).
 
 The table is an open-addressing hash with backward-shift deletion of idle
 counters (docs/semantics.md, "Idle values are forgotten"); the end-to-end
@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCE = ROOT / "tests" / "c" / "ctab_model.c"
+SOURCE = ROOT / "tests" / "ctab_model.c"
 
 
 @pytest.fixture(scope="module")
 def ctab_model(tmp_path_factory) -> Path:
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
-        pytest.skip("no C compiler (cc/gcc) to build tests/c/ctab_model.c")
+        pytest.skip("no C compiler (cc/gcc) to build tests/ctab_model.c")
     flags = subprocess.run(["pkg-config", "--cflags", "--libs", "libfabric"],
                            capture_output=True, text=True, check=True).stdout.split()
     exe = tmp_path_factory.mktemp("ctab") / "ctab_model"
