@@ -1173,17 +1173,23 @@ int atx_nic_set_weight(atx_engine *e, int nic, uint64_t weight) {
 
 /* ------------------------------------------------------------- worker */
 
-/* A key for a region of NIC n that a peer cannot guess: random, within
- * the provider's key size (a descriptor is a capability, docs/security.md). */
-static uint64_t random_key(const atx_nic *n) {
+/* 64 random bits (the kernel's; a clock mix if getrandom fails). */
+static uint64_t random_u64(void) {
     uint64_t k = 0;
-    size_t ks = n->info && n->info->domain_attr->mr_key_size ? n->info->domain_attr->mr_key_size
-                                                             : 8;
     if (getrandom(&k, sizeof(k), 0) != (ssize_t)sizeof(k)) {
         struct timespec ts;
         clock_gettime(CLOCK_MONOTONIC, &ts);
         k = (uint64_t)ts.tv_nsec * 0x9e3779b97f4a7c15ULL ^ (uint64_t)(uintptr_t)&k;
     }
+    return k;
+}
+
+/* A key for a region of NIC n that a peer cannot guess: random, within
+ * the provider's key size (a descriptor is a capability, docs/security.md). */
+static uint64_t random_key(const atx_nic *n) {
+    uint64_t k = random_u64();
+    size_t ks = n->info && n->info->domain_attr->mr_key_size ? n->info->domain_attr->mr_key_size
+                                                             : 8;
     if (ks < 8) k &= (1ULL << (8 * ks)) - 1;
     return k ? k : 1;
 }
@@ -2733,8 +2739,7 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     if (e->cfg.peer_timeout_ns == 0) e->cfg.peer_timeout_ns = ATX_PEER_TIMEOUT_NS;
     e->max_counters = env_u64("AIOTRANSFER_MAX_IMM_VALUES", 1, ATX_MAX_COUNTERS);
     e->ctab_keep = e->max_counters / 2 < ATX_CTAB_KEEP ? e->max_counters / 2 : ATX_CTAB_KEEP;
-    if (getrandom(&e->ctab_key, sizeof(e->ctab_key), 0) != (ssize_t)sizeof(e->ctab_key))
-        e->ctab_key = (uint32_t)(now_ns() ^ (uint64_t)getpid() << 16);
+    e->ctab_key = (uint32_t)random_u64();
     e->coalesce_ns = env_u64("AIOTRANSFER_COALESCE_US", 1000, ATX_COALESCE_NS);
     e->spin_ns = env_u64("AIOTRANSFER_SPIN_US", 1000, ATX_SPIN_NS);
     e->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);

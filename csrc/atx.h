@@ -171,7 +171,8 @@ void atx_imm_credit(atx_engine *e, uint32_t imm, uint64_t n);
 void atx_imm_value(atx_engine *e, uint32_t imm, uint64_t *available, uint64_t *total);
 /* pin > 0: an ImmCounter view of imm exists (its total is kept); pin <= 0:
  * one went away.  A counter with nothing to consume, no waiter and no view
- * is forgotten once the table holds more than 2048 values. */
+ * is forgotten once the table holds more than 2048 values (half the bound
+ * $AIOTRANSFER_MAX_IMM_VALUES, if that is less). */
 void atx_imm_pin(atx_engine *e, uint32_t imm, int pin);
 /* Distinct values the counter table holds now. */
 size_t atx_imm_values(atx_engine *e);

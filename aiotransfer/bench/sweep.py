@@ -106,8 +106,9 @@ def run_sweep(points: list[tuple[Point, list[str]]], selected: list[str], repeat
               progress: bool = True, wait_idle: float = 0.0,
               checkpoint: Callable[[dict], None] | None = None) -> dict:
     """Run every point with every selected backend (alternating, `repeat`
-    times, the order reversed on every other repeat), then the idle measurements; returns the result document
-    (``checkpoint(doc)`` gets the document so far after every point)."""
+    times, the order reversed on every other repeat), then the idle
+    measurements; returns the result document (``checkpoint(doc)`` gets the
+    document so far after every point)."""
     backends = {s: Backend.parse(s) for s in dict.fromkeys(
         [b for _, bs in points for b in bs] + idle) if s in selected}
     unavailable = {}
