@@ -156,6 +156,23 @@ def _tunable(name: str, value: Any, env: str, default: str, lo: float, hi: float
     return float(value)
 
 
+#: Tunables the C core reads from the environment when an engine starts
+#: (docs/install.md), with the least value each may take.
+CORE_ENV = {"AIOTRANSFER_SPIN_US": 0, "AIOTRANSFER_COALESCE_US": 0,
+            "AIOTRANSFER_MAX_IMM_VALUES": 1, "AIOTRANSFER_COPY_LANE_MIN": 0}
+
+
+def _check_core_env() -> None:
+    """ValueError naming the variable if one of CORE_ENV is set to anything
+    but a whole number in its range (the C core would read "2k" as 2)."""
+    for name, lo in CORE_ENV.items():
+        text = os.environ.get(name)
+        if text is None or text == "":
+            continue
+        if not (text.isascii() and text.isdigit()) or not lo <= int(text) < 2 ** 63:
+            raise ValueError(f"${name}={text!r} must be a whole number in [{lo}, 2**63)")
+
+
 def _iterable(name: str, value: Any) -> list:
     """list(value), or TypeError naming the argument."""
     if isinstance(value, (str, bytes)):
@@ -393,8 +410,9 @@ class TransferEngine:
     spreads work over them as over NICs: each has its own queue, completion
     queue and connection to each peer.
     ``copy_lane`` -- shm with two or more endpoints: the first endpoint of
-    each NIC is a copy lane, whose writes (over 4 KiB, at most 16 MiB, not
-    page lists or scatters) this process copies into the target itself
+    each NIC is a copy lane, whose writes (over 64 KiB,
+    ``$AIOTRANSFER_COPY_LANE_MIN``; at most 16 MiB; not page lists or
+    scatters) this process copies into the target itself
     inside the post, while the target copies the writes of the other
     endpoints: two cores copy (default True on shm,
     ``$AIOTRANSFER_COPY_LANE`` 0 or 1; see docs/benchmarks.md).  A post on it
@@ -438,6 +456,7 @@ class TransferEngine:
         self._msg_count = _uint("msg_count", msg_count)
         if not 1 <= self._msg_count <= 65536:
             raise ValueError(f"msg_count={msg_count} must be in [1, 65536]")
+        _check_core_env()
         self._cpu = -1 if cpu is None else _uint("cpu", cpu, os.cpu_count() or 1)
         self._max_chunk = 0 if max_chunk is None else _uint("max_chunk", max_chunk)
         if max_chunk is not None and self._max_chunk == 0:

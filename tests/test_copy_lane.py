@@ -1,5 +1,6 @@
 """The shm copy lane (``TransferEngine(copy_lane=...)``, docs/benchmarks.md):
-on shm the first endpoint's writes of more than 4 KiB and at most 16 MiB
+on shm the first endpoint's writes of more than 64 KiB
+(``$AIOTRANSFER_COPY_LANE_MIN``) and at most 16 MiB
 are copied by the writer inside its post (libfabric's fast RMA path: no
 remote CQ data, no delivery-complete), and each write's immediate follows
 as a zero-byte write once the data completed.  Every byte checked, every
@@ -17,6 +18,7 @@ import aiotransfer
 from conftest import require_provider
 from support import KiB, MiB, assert_bytes, random_bytes, settle
 
+COPY_MIN = 64 * KiB     # the lane takes writes over this ($AIOTRANSFER_COPY_LANE_MIN)
 COPY_MAX = 16 * MiB
 
 
@@ -66,7 +68,7 @@ def test_copy_lane_environment_is_checked(monkeypatch, value):
 async def test_random_writes_with_and_without_the_copy_lane(make_engine, shm_only, lane, rng,
                                                             seed):
     """Random sizes (0 B to 16 MiB + 1, so some above the lane's 16 MiB bound and
-    some at or below the 4 KiB inject size), offsets and immediates, with and
+    some at or below its 64 KiB minimum), offsets and immediates, with and
     without an immediate, some chunked (max_chunk): every byte lands, every
     immediate is counted exactly once, and the lane took work iff it is on."""
     a = await make_engine("shm", copy_lane=lane)
@@ -78,7 +80,7 @@ async def test_random_writes_with_and_without_the_copy_lane(make_engine, shm_onl
     smr, cmr = a.register(src), chunked.register(src)
     dmr = b.register(dst)
     expected = dst.copy()
-    sizes = [0, 1, 4096, 4097, COPY_MAX, COPY_MAX + 1] + \
+    sizes = [0, 1, 4096, 4097, COPY_MIN, COPY_MIN + 1, COPY_MAX, COPY_MAX + 1] + \
         [int(x) for x in rng.integers(0, 512 * KiB, 40)] + [int(rng.integers(1, 12 * MiB))]
     # disjoint destination ranges, in a random order, from random sources
     rng.shuffle(sizes)
@@ -129,6 +131,53 @@ async def test_copy_lane_write_completes_after_its_bytes_and_its_immediate_follo
                      f"seed={seed}: write {i} resolved before its bytes were placed")
         await b.expect_imm(40 + i, 1, timeout=30)
     assert _copied(a) > before, "no write took the copy lane"
+
+
+@pytest.mark.parametrize("minimum", [None, 8 * KiB], ids=["default", "env-8KiB"])
+async def test_copy_lane_takes_only_writes_over_its_minimum(make_engine, shm_only, rng, seed,
+                                                           monkeypatch, minimum):
+    """Writes of at most the minimum (64 KiB, or $AIOTRANSFER_COPY_LANE_MIN)
+    never take the lane, however many are in flight; writes just over it do.
+    Every byte and immediate checked."""
+    if minimum is None:
+        monkeypatch.delenv("AIOTRANSFER_COPY_LANE_MIN", raising=False)
+        low = COPY_MIN
+    else:
+        monkeypatch.setenv("AIOTRANSFER_COPY_LANE_MIN", str(minimum))
+        low = minimum
+    a = await make_engine("shm")
+    b = await make_engine("shm")
+    n = 24
+    src = random_bytes(rng, 2 * n * (low + 1))
+    dst = np.zeros(src.size, np.uint8)
+    smr, dmr = a.register(src), b.register(dst)
+
+    async def burst(size: int, base: int, imm: int) -> None:
+        await asyncio.wait_for(asyncio.gather(*[
+            a.write(smr, dmr.descriptor, length=size, src_offset=base + i * size,
+                    dst_offset=base + i * size, imm=imm) for i in range(n)]), 60)
+        await b.expect_imm(imm, n, timeout=30)
+
+    await burst(low, 0, 1)
+    assert _copied(a) == 0, f"seed={seed}: a write of {low} B took the copy lane"
+    await burst(low + 1, n * low, 2)
+    assert _copied(a) > 0, f"seed={seed}: no write of {low + 1} B took the copy lane"
+    assert_bytes(dst[:n * low + n * (low + 1)], src[:n * low + n * (low + 1)], f"seed={seed}")
+    await settle()
+    assert b.imm_counter(1).value == 0 and b.imm_counter(2).value == 0
+
+
+@pytest.mark.parametrize("name,value", [("AIOTRANSFER_COPY_LANE_MIN", "64k"),
+                                        ("AIOTRANSFER_COPY_LANE_MIN", "-1"),
+                                        ("AIOTRANSFER_SPIN_US", "1.5"),
+                                        ("AIOTRANSFER_COALESCE_US", " 25"),
+                                        ("AIOTRANSFER_MAX_IMM_VALUES", "0")])
+def test_core_environment_is_checked(monkeypatch, name, value):
+    """The C core's tunables are whole numbers: anything else is ValueError
+    naming the variable, before an engine opens anything."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=rf"\${name}=.* must be a whole number"):
+        aiotransfer.TransferEngine("shm")
 
 
 def _peer_main(conn, size, n):
