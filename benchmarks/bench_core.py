@@ -4,7 +4,10 @@ A thin entry point of the harness (aiotransfer.bench): for each provider, the
 same modes, sizes, window and completion semantics (FI_DELIVERY_COMPLETE on
 every write that carries bytes) are measured with the C reference
 (aiotransfer/bench/fi_rawbench.c) and with aiotransfer, alternating, and
-reported as ratios.  Medians over --repeat runs.
+reported as ratios.  Medians over --repeat runs; a bandwidth point of the
+targets' range whose paired 90% interval still holds 0.95 after them gets
+further rounds, up to --max-repeat (a sequential design: runs go where the
+answer is open, and the interval, not a lucky median, decides when to stop).
 
     python benchmarks/bench_core.py                        # shm and tcp, full sweep
     python benchmarks/bench_core.py -p shm --quick         # a short smoke
@@ -37,13 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aiotransfer.bench import Backend, Point  # noqa: E402
 from aiotransfer.bench.common import KIB, MIB, median_interval, paired_ratios  # noqa: E402
-from aiotransfer.bench.sweep import fmt_size, machine, reference_of, run_sweep  # noqa: E402
+from aiotransfer.bench.sweep import (fmt_size, machine, metric_of, reference_of,  # noqa: E402
+                                     run_sweep)
 
 NAMES = {"tcp": "tcp;ofi_rxm", "udp": "udp;ofi_rxd", "shm": "shm", "sockets": "sockets"}
 SHORT = {v: k for k, v in NAMES.items()}
 UNITS = {"bw": "GB/s", "rate": "Mop/s", "lat": "us"}
 
 
+BW_TARGET = 0.95                        # bandwidth >= 0.95x raw C, 64 KiB to 16 MiB
 SINGLE = ("pipeline", "write")          # styles of single writes, bandwidth
 RATE = ("pipeline", "await", "write")    # ... and rate
 MODES = ("bw", "rate", "paged", "lat", "idle")   # --only
@@ -85,6 +90,30 @@ def plan(providers: list[str], quick: bool, only: tuple[str, ...] = MODES,
     return out
 
 
+def bw_undecided(point: Point, runs: dict[str, list[dict]]) -> bool:
+    """A bandwidth point of the target's range (64 KiB to 16 MiB) whose paired
+    90% interval, for some aiotransfer style, still holds the 0.95 target:
+    one more round of pairs narrows it (run_sweep's sequential rounds)."""
+    if point.mode != "bw" or not 64 * KIB <= point.size <= 16 * MIB:
+        return False
+    specs = list(runs)
+    ref = next((s for s in specs if Backend.parse(s).kind == "raw"), None)
+    if ref is None:
+        return False
+    ref_vals = [metric_of(point, r) if r.get("verified") else None for r in runs[ref]]
+    for spec in specs:
+        if spec == ref:
+            continue
+        vals = paired_ratios(ref_vals, [metric_of(point, r) if r.get("verified") else None
+                                        for r in runs[spec]])
+        if len(vals) < 2:
+            return True
+        lo, hi, _ = median_interval(vals)
+        if lo < BW_TARGET < hi:
+            return True
+    return False
+
+
 def _paired(raw_runs: list, aio_runs: list, mode: str) -> dict | None:
     """Median and 90% interval over the repeats of aiotransfer/raw C (latency:
     aiotransfer - raw C in us), each repeat's two runs made back to back."""
@@ -103,8 +132,8 @@ def _fmt_paired(p: dict | None, mode: str) -> str:
     if p is None:
         return "-"
     if mode == "lat":
-        return f"+{p['median']:.1f} us ({p['lo']:+.1f}..{p['hi']:+.1f})"
-    return f"{p['median']:.2f} ({p['lo']:.2f}-{p['hi']:.2f})"
+        return f"+{p['median']:.1f} us ({p['lo']:+.1f}..{p['hi']:+.1f}, n={p['n']})"
+    return f"{p['median']:.2f} ({p['lo']:.2f}-{p['hi']:.2f}, n={p['n']})"
 
 
 def table(doc: dict) -> tuple[str, list[dict]]:
@@ -151,7 +180,7 @@ def targets(pairs: list[dict]) -> list[dict]:
         for style in SINGLE:
             bw = [p for p in find(prov, "bw", style) if 64 * KIB <= p["size"] <= 16 * MIB]
             if bw:
-                short = [p for p in bw if p["paired"]["median"] < 0.95]
+                short = [p for p in bw if p["paired"]["median"] < BW_TARGET]
                 out.append({
                     "target": f"{prov} bandwidth >= 0.95x raw C, 64 KiB-16 MiB ({style} style)",
                     "measured": ", ".join(f"{fmt_size(p['size'])} {p['paired']['median']:.3f}"
@@ -218,6 +247,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="styles of single writes for bw and rate points, comma-separated "
                          f"(default {','.join(RATE)}; bandwidth has {', '.join(SINGLE)})")
     ap.add_argument("--repeat", type=int, default=5, help="runs per point (median)")
+    ap.add_argument("--max-repeat", type=int, default=20,
+                    help="bandwidth points of the target's range whose paired 90%% interval "
+                         "still holds 0.95 get further rounds, up to this many in all "
+                         "(default 20; --repeat or less: none)")
     ap.add_argument("--json", help="write the rows as JSON here")
     ap.add_argument("--plot", help="write a PNG plot of bandwidth vs size here")
     a = ap.parse_args(argv)
@@ -234,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     points = plan(providers, a.quick, only, styles)
     idle = [f"aiotransfer:{p}" for p in providers] if "idle" in only else []
     selected = [s for _, specs in points for s in specs] + idle
-    doc = run_sweep(points, selected, a.repeat, idle=idle, idle_seconds=5.0, timeout=300)
+    doc = run_sweep(points, selected, a.repeat, idle=idle, idle_seconds=5.0, timeout=300,
+                    undecided=bw_undecided, max_repeat=a.max_repeat)
     m = machine()
     print(f"\nmachine: {m['host']} {m['arch']}, {m['cores']} cores, {m['os']}; "
           f"{time.time() - t0:.0f} s")
@@ -244,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print("\nratio: median over median; paired: the median over the repeats of "
           "aiotransfer/raw C, each repeat's two runs back to back (latency: the difference), "
-          "with its distribution-free 90% interval (all runs when fewer than 5)")
+          "with its distribution-free 90% interval (all runs when fewer than 5) and the "
+          f"number of pairs n (bandwidth, 64 KiB-16 MiB: {a.repeat} pairs, then more while "
+          f"the interval holds {BW_TARGET}, up to {max(a.repeat, a.max_repeat)})")
     goals = targets(pairs)
     if goals:
         print("\ntargets (core-engine issue, on the paired medians):")
@@ -259,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(
             {"rows": pairs, "targets": goals, "idle_cpu_percent": idle_pct,
-             "repeat": a.repeat, "when": time.ctime(), "machine": m}, indent=1))
+             "repeat": a.repeat, "max_repeat": a.max_repeat, "when": time.ctime(),
+             "machine": m}, indent=1))
     if a.plot:
         plot(pairs, a.plot)
     return 0 if pairs and all(p["verified"] for p in pairs) else 1

@@ -214,6 +214,59 @@ def test_bench_core_targets_on_paired_medians():
     assert not any("write style" in k for k in t)      # no row, no verdict
 
 
+def test_bench_core_sequential_rounds_decide_on_the_interval():
+    """More rounds while the paired 90% interval of a target-range bandwidth
+    point holds 0.95, for any aiotransfer style; none outside the range."""
+    bc = _bench_core()
+
+    def runs(raw, *aio):
+        out = {"raw:tcp": [{"gbps_e2e": v, "verified": True} for v in raw]}
+        for k, vals in enumerate(aio):
+            out[["aiotransfer:tcp:pipeline", "aiotransfer:tcp"][k]] = \
+                [{"gbps_e2e": v, "verified": True} for v in vals]
+        return out
+
+    p = Point("bw", 1 << 20, 64, 100)
+    raw = [2.0] * 5
+    assert not bc.bw_undecided(p, runs(raw, [2.2, 2.0, 2.1, 1.95, 2.3]))   # all >= 0.95
+    assert not bc.bw_undecided(p, runs(raw, [1.0, 1.2, 1.1, 1.5, 1.8]))    # all < 0.95
+    assert bc.bw_undecided(p, runs(raw, [1.0, 2.2, 2.1, 1.95, 2.3]))       # 0.5 .. 1.15
+    assert bc.bw_undecided(p, runs(raw, [2.2] * 5, [1.0, 2.2, 2.1, 1.95, 2.3]))  # either style
+    failed = runs(raw, [2.2] * 5)
+    failed["aiotransfer:tcp:pipeline"][0]["verified"] = False   # a failed run does not count
+    assert not bc.bw_undecided(p, failed)
+    assert bc.bw_undecided(p, runs(raw[:1], [2.2]))             # one pair decides nothing
+    for q in (Point("bw", 4 << 10, 64, 100), Point("bw", 64 << 20, 8, 10),
+              Point("rate", 8, 64, 100)):
+        assert not bc.bw_undecided(q, runs(raw, [1.0, 2.2, 2.1, 1.95, 2.3]))
+
+
+@pytest.mark.timeout(90)
+def test_run_sweep_adds_rounds_while_undecided():
+    """run_sweep's sequential rounds, with the real C reference: `repeat`
+    rounds, then more while undecided() says so, never past max_repeat."""
+    from aiotransfer.bench.sweep import run_sweep
+    if Backend.parse("raw:shm").unavailable():
+        pytest.skip(f"raw C reference unavailable: {Backend.parse('raw:shm').unavailable()}")
+    point = Point("bw", 64 << 10, 8, 200)
+    seen = []
+
+    def undecided(pt, runs):
+        seen.append(len(runs["raw:shm"]))
+        return len(runs["raw:shm"]) < 3
+
+    doc = run_sweep([(point, ["raw:shm"])], ["raw:shm"], 1, idle=[], idle_seconds=0,
+                    timeout=60, progress=False, undecided=undecided, max_repeat=5)
+    (row,) = doc["rows"]
+    assert len(row["runs"]) == 3 and row["verified"] and seen == [1, 2, 3]
+    doc = run_sweep([(point, ["raw:shm"])], ["raw:shm"], 1, idle=[], idle_seconds=0,
+                    timeout=60, progress=False, undecided=lambda pt, runs: True, max_repeat=2)
+    assert len(doc["rows"][0]["runs"]) == 2
+    doc = run_sweep([(point, ["raw:shm"])], ["raw:shm"], 2, idle=[], idle_seconds=0,
+                    timeout=60, progress=False, undecided=lambda pt, runs: True, max_repeat=0)
+    assert len(doc["rows"][0]["runs"]) == 2       # max_repeat below repeat: repeat rounds
+
+
 @pytest.mark.timeout(90)
 def test_bench_core_cli_tiny(tmp_path, capsys):
     if Backend.parse("raw:shm").unavailable():
@@ -221,7 +274,7 @@ def test_bench_core_cli_tiny(tmp_path, capsys):
     bc = _bench_core()
     out = tmp_path / "core.json"
     assert bc.main(["-p", "shm", "--quick", "--only", "bw", "--style", "pipeline",
-                    "--repeat", "2", "--json", str(out)]) == 0
+                    "--repeat", "2", "--max-repeat", "2", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     (r,) = doc["rows"]
     assert r["verified"] and r["style"] == "pipeline" and r["paired"]["n"] == 2

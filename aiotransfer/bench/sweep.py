@@ -104,11 +104,18 @@ def _median(vals: list) -> float | None:
 def run_sweep(points: list[tuple[Point, list[str]]], selected: list[str], repeat: int, *,
               idle: list[str], idle_seconds: float, timeout: float,
               progress: bool = True, wait_idle: float = 0.0,
-              checkpoint: Callable[[dict], None] | None = None) -> dict:
+              checkpoint: Callable[[dict], None] | None = None,
+              undecided: Callable[[Point, dict[str, list[dict]]], bool] | None = None,
+              max_repeat: int = 0) -> dict:
     """Run every point with every selected backend (alternating, `repeat`
     times, the order reversed on every other repeat), then the idle
     measurements; returns the result document (``checkpoint(doc)`` gets the
-    document so far after every point)."""
+    document so far after every point).
+
+    ``undecided(point, runs)``: after the `repeat` rounds of a point, further
+    rounds follow while it returns True (``runs``: each backend's results so
+    far), up to `max_repeat` rounds in all: a sequential design that spends
+    runs only where the answer is still open."""
     backends = {s: Backend.parse(s) for s in dict.fromkeys(
         [b for _, bs in points for b in bs] + idle) if s in selected}
     unavailable = {}
@@ -124,7 +131,10 @@ def run_sweep(points: list[tuple[Point, list[str]]], selected: list[str], repeat
     for point, specs in points:
         specs = [s for s in specs if s in runnable]
         runs: dict[str, list] = {s: [] for s in specs}
-        for r in range(repeat):
+        r = 0
+        while r < repeat or (undecided is not None and r < max_repeat and undecided(point, runs)):
+            if r >= repeat:
+                bar.total += len(specs)
             # order reversed every other repeat (A B, B A, ...): a back-to-back
             # pair favours neither side by going first
             for spec in (specs if r % 2 == 0 else specs[::-1]):
@@ -136,6 +146,7 @@ def run_sweep(points: list[tuple[Point, list[str]]], selected: list[str], repeat
                     runs[spec].append({"error": str(exc), "verified": False})
                 runs[spec][-1]["idle_before"] = quiet
                 bar.update(1)
+            r += 1
         for spec in specs:
             rows.append(_row(point, backends[spec], runs[spec]))
         if checkpoint:
