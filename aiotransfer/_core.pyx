@@ -27,6 +27,11 @@ FI_EBUSY = -_errno.EBUSY
 
 cdef enum:
     DRAIN_BATCH = 1024
+    # posts of more bytes (or page lists / scatters of more entries) release
+    # the GIL: they can take milliseconds (the shm copy lane copies inside
+    # the post; a shm post waits for the target's region lock)
+    NOGIL_POST_BYTES = 65536
+    NOGIL_POST_ENTRIES = 64
 
 
 def strerror(int err):
@@ -308,6 +313,7 @@ cdef class CoreEngine:
                    uint64_t page_size, bint has_imm, uint32_t imm):
         """Page lists must already be validated (the Python layer does)."""
         cdef uint64_t n = src_pages.shape[0]
+        cdef int rc
         cdef int64_t *sp
         cdef int64_t *dp
         self._live()
@@ -322,13 +328,20 @@ cdef class CoreEngine:
         if n:
             memcpy(sp, &src_pages[0], n * sizeof(int64_t))
             memcpy(dp, &dst_pages[0], n * sizeof(int64_t))
-        _check(atx_post_paged(self.e, id, &src.mr, src_off, src_stride, sp, dest, dst_off,
-                              dst_stride, dp, n, page_size, has_imm, imm), "write_paged")
+        if n >= NOGIL_POST_ENTRIES or n * page_size > NOGIL_POST_BYTES:
+            with nogil:
+                rc = atx_post_paged(self.e, id, &src.mr, src_off, src_stride, sp, dest, dst_off,
+                                    dst_stride, dp, n, page_size, has_imm, imm)
+        else:
+            rc = atx_post_paged(self.e, id, &src.mr, src_off, src_stride, sp, dest, dst_off,
+                                dst_stride, dp, n, page_size, has_imm, imm)
+        _check(rc, "write_paged")
 
     def post_scatter(self, uint64_t id, CoreMR src, const uint64_t[:, ::1] entries,
                      bint has_imm, uint32_t imm):
         """entries: (n, 4) uint64 rows of (dest id, src_off, dst_off, len)."""
         cdef uint64_t n = entries.shape[0]
+        cdef int rc
         cdef atx_scatter_entry *ent
         self._live()
         if entries.shape[1] != 4:
@@ -338,8 +351,13 @@ cdef class CoreEngine:
             raise MemoryError()
         if n:
             memcpy(ent, &entries[0, 0], n * sizeof(atx_scatter_entry))
-        _check(atx_post_scatter(self.e, id, &src.mr if src is not None else NULL, ent, n,
-                                has_imm, imm), "scatter")
+        cdef const atx_mr *smr = &src.mr if src is not None else NULL
+        if n >= NOGIL_POST_ENTRIES:
+            with nogil:
+                rc = atx_post_scatter(self.e, id, smr, ent, n, has_imm, imm)
+        else:
+            rc = atx_post_scatter(self.e, id, smr, ent, n, has_imm, imm)
+        _check(rc, "scatter")
 
     def post_send(self, uint64_t id, uint64_t peer, const unsigned char[::1] data):
         self._live()

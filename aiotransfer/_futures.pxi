@@ -182,11 +182,13 @@ cdef class Completions:
 
     def write(self, src_mr, dst, length, src_offset, dst_offset, imm):
         """Resolve, check, post and track one write; returns its future."""
-        cdef uint64_t so, do, n, iv = 0
+        cdef uint64_t so, do, n, iv = 0, rid_c, did
         cdef bint has_imm = imm is not None
         cdef int rc
         cdef CoreMR src
         cdef Dest d
+        cdef atx_engine *e
+        cdef const atx_mr *smr
         self._live()
         src = self._src(src_mr)
         d = self._dest(dst)
@@ -205,7 +207,20 @@ cdef class Completions:
             iv = _arg_u64("imm", imm, IMM_LIMIT)
         rid = self.next_id
         self.next_id = rid + 1
-        rc = atx_post_write(self.core.e, rid, &src.mr, so, d.id, do, n, has_imm, <uint32_t>iv)
+        if n > NOGIL_POST_BYTES:
+            # a large post can take milliseconds (the shm copy lane copies
+            # in it; a shm post waits for the target's region lock): other
+            # Python threads run meanwhile.  (The engine is the loop's: no
+            # other thread calls into it; src stays referenced here.)
+            e = self.core.e
+            smr = &src.mr
+            rid_c = rid
+            did = d.id
+            with nogil:
+                rc = atx_post_write(e, rid_c, smr, so, did, do, n, has_imm, <uint32_t>iv)
+        else:
+            rc = atx_post_write(self.core.e, rid, &src.mr, so, d.id, do, n, has_imm,
+                                <uint32_t>iv)
         if rc:
             raise CoreError(rc, f"write: {atx_strerror(rc).decode()} ({rc})")
         return self._track(rid, src, "write", n, d.peer_name)

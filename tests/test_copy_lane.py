@@ -180,6 +180,55 @@ def test_core_environment_is_checked(monkeypatch, name, value):
         aiotransfer.TransferEngine("shm")
 
 
+async def test_large_posts_let_other_threads_run(make_engine, shm_only, rng, seed):
+    """A 16 MiB write over the copy lane is copied inside its post (about a
+    millisecond): the post releases the GIL, so another Python thread runs
+    meanwhile.  With a switch interval of 10 s the GIL changes hands only
+    where its holder lets go, so any step the other thread takes during a
+    synchronous write() call is one the post allowed.  Every byte checked."""
+    import sys
+    import threading
+    import time
+
+    a = await make_engine("shm")
+    b = await make_engine("shm")
+    size, n = COPY_MAX, 8
+    src = random_bytes(rng, size * n)
+    dst = np.zeros(size * n, np.uint8)
+    smr, dmr = a.register(src), b.register(dst)
+    # first contact (the peer's token slot) queues writes: have it behind us
+    await a.write(smr, dmr.descriptor, length=size, imm=6)
+    await b.expect_imm(6, 1, timeout=30)
+    steps = [0]
+    stop = threading.Event()
+
+    def other() -> None:
+        while not stop.is_set():
+            steps[0] += 1
+            time.sleep(20e-6)     # lets go of the GIL
+
+    interval = sys.getswitchinterval()
+    t = threading.Thread(target=other, daemon=True)
+    sys.setswitchinterval(10.0)
+    t.start()
+    try:
+        during, futs = [], []
+        for i in range(n):
+            before = steps[0]
+            futs.append(a.write(smr, dmr.descriptor, length=size, src_offset=i * size,
+                                dst_offset=i * size, imm=5))
+            during.append(steps[0] - before)
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        t.join(10)
+    await asyncio.wait_for(asyncio.gather(*futs), 60)
+    await b.expect_imm(5, n, timeout=30)
+    assert_bytes(dst, src, f"seed={seed}")
+    assert _copied(a) > 0, "no write took the copy lane"
+    assert max(during) > 0, f"the other thread never ran during a write() call: {during}"
+
+
 def _peer_main(conn, size, n):
     """A separate process: an engine whose region the parent writes into,
     then one that writes back into the parent's region."""
