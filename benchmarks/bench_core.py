@@ -208,12 +208,14 @@ def targets(pairs: list[dict]) -> list[dict]:
 
 
 def plot(pairs: list[dict], path: str) -> None:
+    """Two panels: bandwidth against size (medians), and the paired ratio
+    aiotransfer/raw C with its 90% interval against the 0.95 target."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (ax, rx) = plt.subplots(1, 2, figsize=(12, 4.4))
     for prov in dict.fromkeys(p["provider"] for p in pairs):
         bw = [p for p in pairs if p["provider"] == prov and p["mode"] == "bw"]
         if not bw:
@@ -222,16 +224,35 @@ def plot(pairs: list[dict], path: str) -> None:
         ref = [p for p in bw if p["style"] == styles[0]]
         ax.plot([p["size"] for p in ref], [p["raw"] for p in ref], "--o",
                 label=f"raw C libfabric ({prov})")
-        for st in styles:
+        for k, st in enumerate(styles):
             mine = [p for p in bw if p["style"] == st]
             ax.plot([p["size"] for p in mine], [p["aio"] for p in mine], "-s",
                     label=f"aiotransfer {st} ({prov})")
+            got = [p for p in mine if p["paired"] is not None]
+            if not got:
+                continue
+            # styles side by side at each size, so the intervals do not overlap
+            xs = [p["size"] * 2 ** ((k - (len(styles) - 1) / 2) * 0.12) for p in got]
+            med = [p["paired"]["median"] for p in got]
+            err = [[m - p["paired"]["lo"] for m, p in zip(med, got)],
+                   [p["paired"]["hi"] - m for m, p in zip(med, got)]]
+            rx.errorbar(xs, med, yerr=err, fmt="-o" if prov.startswith("shm") else "-s",
+                        capsize=3, label=f"{st} ({prov})")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("write size (bytes)")
     ax.set_ylabel("GB/s, first post to last arrival (1e9 B/s)")
     ax.set_title("One-sided writes, window 64/16, FI_DELIVERY_COMPLETE, loopback")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    rx.axhline(BW_TARGET, color="red", linestyle=":", label=f"target {BW_TARGET}")
+    rx.axhline(1.0, color="grey", linewidth=0.8)
+    rx.axvspan(64 * KIB, 16 * MIB, color="green", alpha=0.06, label="target range")
+    rx.set_xscale("log", base=2)
+    rx.set_xlabel("write size (bytes)")
+    rx.set_ylabel("aiotransfer / raw C, paired median")
+    rx.set_title("Paired ratio with its 90% interval (bars)")
+    rx.grid(True, alpha=0.3)
+    rx.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
