@@ -27,7 +27,7 @@ FI_EBUSY = -_errno.EBUSY
 
 cdef enum:
     DRAIN_BATCH = 1024
-    # posts of more bytes (or page lists / scatters of more entries) release
+    # posts of this many bytes or more (page lists / scatters: entries) release
     # the GIL: they can take milliseconds (the shm copy lane copies inside
     # the post; a shm post waits for the target's region lock)
     NOGIL_POST_BYTES = 65536
@@ -328,7 +328,7 @@ cdef class CoreEngine:
         if n:
             memcpy(sp, &src_pages[0], n * sizeof(int64_t))
             memcpy(dp, &dst_pages[0], n * sizeof(int64_t))
-        if n >= NOGIL_POST_ENTRIES or n * page_size > NOGIL_POST_BYTES:
+        if n >= NOGIL_POST_ENTRIES or n * page_size >= NOGIL_POST_BYTES:
             with nogil:
                 rc = atx_post_paged(self.e, id, &src.mr, src_off, src_stride, sp, dest, dst_off,
                                     dst_stride, dp, n, page_size, has_imm, imm)

@@ -207,7 +207,7 @@ cdef class Completions:
             iv = _arg_u64("imm", imm, IMM_LIMIT)
         rid = self.next_id
         self.next_id = rid + 1
-        if n > NOGIL_POST_BYTES:
+        if n >= NOGIL_POST_BYTES:
             # a large post can take milliseconds (the shm copy lane copies
             # in it; a shm post waits for the target's region lock): other
             # Python threads run meanwhile.  (The engine is the loop's: no

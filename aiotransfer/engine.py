@@ -410,7 +410,7 @@ class TransferEngine:
     spreads work over them as over NICs: each has its own queue, completion
     queue and connection to each peer.
     ``copy_lane`` -- shm with two or more endpoints: the first endpoint of
-    each NIC is a copy lane, whose writes (over 64 KiB,
+    each NIC is a copy lane, whose writes (64 KiB or more,
     ``$AIOTRANSFER_COPY_LANE_MIN``; at most 16 MiB; not page lists or
     scatters) this process copies into the target itself
     inside the post, while the target copies the writes of the other

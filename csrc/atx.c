@@ -74,7 +74,7 @@
                        FI_ORDER_WAW | FI_ORDER_WAS | FI_ORDER_SAR | FI_ORDER_SAW)
 #define ATX_WR_TAIL UINT64_MAX        /* "work request index" of a tail immediate */
 #define ATX_COPY_MAX (16u << 20)      /* largest write the shm copy lane takes */
-#define ATX_COPY_MIN (64u << 10)      /* ... and it takes only writes over this */
+#define ATX_COPY_MIN (64u << 10)      /* ... and the smallest */
 /* 8-byte CQ data: [0,32) immediate | 32 user-imm flag | 33 token | [34,48)
  * sender slot at the receiver | [48,64) sequence (see atx_slot) */
 #define ATX_TOK_VALID (1ULL << 33)
@@ -326,7 +326,7 @@ struct atx_engine {
     int notify_fd;
 
     uint64_t spin_ns;                  /* keep polling this long after activity */
-    uint64_t copy_min;                 /* the shm copy lane takes writes over this */
+    uint64_t copy_min;                 /* the smallest write the shm copy lane takes */
     /* immediate counters */
     pthread_mutex_t imm_lock;
     atx_counter *ctab;
@@ -1651,13 +1651,13 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
          * chunks of a multi-chunk write already have one.  Not for page
          * lists or scatters (one immediate per WR), retries or writes past
          * ATX_COPY_MAX (the copy holds the target's region lock).  Nor for
-         * writes of copy_min (64 KiB) or less: the copy on the posting
-         * thread then costs more than the second core gains (session 9,
-         * docs/benchmarks.md: at 64 KiB the done-callback style fell from
-         * about 0.85 of raw C without the lane to 0.5 with it, the pipeline
-         * style even; from 128 KiB the lane gained in both). */
+         * writes under copy_min (64 KiB): there the copy on the posting
+         * thread costs more than the second core gains (session 9,
+         * docs/benchmarks.md, 12 rounds each, pipeline style: 16 KiB 0.76
+         * of raw C with the lane against 0.92 without, 32 KiB 0.85 against
+         * 0.92; 64 KiB 1.06-1.09 against 0.91-0.92). */
         copy = n->pub.copy_lane && op->type == OP_WRITE && wr != ATX_WR_TAIL && !is_retry &&
-               len > n->pub.inject_size && len > e->copy_min && len <= ATX_COPY_MAX;
+               len > n->pub.inject_size && len >= e->copy_min && len <= ATX_COPY_MAX;
         if (copy) {
             /* no CQ data, no delivery-complete: the provider's copying path */
         } else if (with_imm) {

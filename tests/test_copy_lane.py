@@ -1,5 +1,5 @@
 """The shm copy lane (``TransferEngine(copy_lane=...)``, docs/benchmarks.md):
-on shm the first endpoint's writes of more than 64 KiB
+on shm the first endpoint's writes of at least 64 KiB
 (``$AIOTRANSFER_COPY_LANE_MIN``) and at most 16 MiB
 are copied by the writer inside its post (libfabric's fast RMA path: no
 remote CQ data, no delivery-complete), and each write's immediate follows
@@ -18,7 +18,7 @@ import aiotransfer
 from conftest import require_provider
 from support import KiB, MiB, assert_bytes, random_bytes, settle
 
-COPY_MIN = 64 * KiB     # the lane takes writes over this ($AIOTRANSFER_COPY_LANE_MIN)
+COPY_MIN = 64 * KiB     # the smallest write the lane takes ($AIOTRANSFER_COPY_LANE_MIN)
 COPY_MAX = 16 * MiB
 
 
@@ -68,7 +68,7 @@ def test_copy_lane_environment_is_checked(monkeypatch, value):
 async def test_random_writes_with_and_without_the_copy_lane(make_engine, shm_only, lane, rng,
                                                             seed):
     """Random sizes (0 B to 16 MiB + 1, so some above the lane's 16 MiB bound and
-    some at or below its 64 KiB minimum), offsets and immediates, with and
+    some just under its 64 KiB minimum), offsets and immediates, with and
     without an immediate, some chunked (max_chunk): every byte lands, every
     immediate is counted exactly once, and the lane took work iff it is on."""
     a = await make_engine("shm", copy_lane=lane)
@@ -80,7 +80,7 @@ async def test_random_writes_with_and_without_the_copy_lane(make_engine, shm_onl
     smr, cmr = a.register(src), chunked.register(src)
     dmr = b.register(dst)
     expected = dst.copy()
-    sizes = [0, 1, 4096, 4097, COPY_MIN, COPY_MIN + 1, COPY_MAX, COPY_MAX + 1] + \
+    sizes = [0, 1, 4096, 4097, COPY_MIN - 1, COPY_MIN, COPY_MAX, COPY_MAX + 1] + \
         [int(x) for x in rng.integers(0, 512 * KiB, 40)] + [int(rng.integers(1, 12 * MiB))]
     # disjoint destination ranges, in a random order, from random sources
     rng.shuffle(sizes)
@@ -134,11 +134,11 @@ async def test_copy_lane_write_completes_after_its_bytes_and_its_immediate_follo
 
 
 @pytest.mark.parametrize("minimum", [None, 8 * KiB], ids=["default", "env-8KiB"])
-async def test_copy_lane_takes_only_writes_over_its_minimum(make_engine, shm_only, rng, seed,
-                                                           monkeypatch, minimum):
-    """Writes of at most the minimum (64 KiB, or $AIOTRANSFER_COPY_LANE_MIN)
-    never take the lane, however many are in flight; writes just over it do.
-    Every byte and immediate checked."""
+async def test_copy_lane_takes_only_writes_of_its_minimum_and_up(make_engine, shm_only, rng,
+                                                                seed, monkeypatch, minimum):
+    """Writes under the minimum (64 KiB, or $AIOTRANSFER_COPY_LANE_MIN)
+    never take the lane, however many are in flight; writes of the minimum
+    do.  Every byte and immediate checked."""
     if minimum is None:
         monkeypatch.delenv("AIOTRANSFER_COPY_LANE_MIN", raising=False)
         low = COPY_MIN
@@ -148,7 +148,7 @@ async def test_copy_lane_takes_only_writes_over_its_minimum(make_engine, shm_onl
     a = await make_engine("shm")
     b = await make_engine("shm")
     n = 24
-    src = random_bytes(rng, 2 * n * (low + 1))
+    src = random_bytes(rng, 2 * n * low)
     dst = np.zeros(src.size, np.uint8)
     smr, dmr = a.register(src), b.register(dst)
 
@@ -158,11 +158,12 @@ async def test_copy_lane_takes_only_writes_over_its_minimum(make_engine, shm_onl
                     dst_offset=base + i * size, imm=imm) for i in range(n)]), 60)
         await b.expect_imm(imm, n, timeout=30)
 
-    await burst(low, 0, 1)
-    assert _copied(a) == 0, f"seed={seed}: a write of {low} B took the copy lane"
-    await burst(low + 1, n * low, 2)
-    assert _copied(a) > 0, f"seed={seed}: no write of {low + 1} B took the copy lane"
-    assert_bytes(dst[:n * low + n * (low + 1)], src[:n * low + n * (low + 1)], f"seed={seed}")
+    await burst(low - 1, 0, 1)
+    assert _copied(a) == 0, f"seed={seed}: a write of {low - 1} B took the copy lane"
+    await burst(low, n * (low - 1), 2)
+    assert _copied(a) > 0, f"seed={seed}: no write of {low} B took the copy lane"
+    end = n * (low - 1) + n * low
+    assert_bytes(dst[:end], src[:end], f"seed={seed}")
     await settle()
     assert b.imm_counter(1).value == 0 and b.imm_counter(2).value == 0
 
