@@ -12,7 +12,7 @@ answer is open, and the interval, not a lucky median, decides when to stop).
     python benchmarks/bench_core.py                        # shm and tcp, full sweep
     python benchmarks/bench_core.py -p shm --quick         # a short smoke
     python benchmarks/bench_core.py --json out.json --plot out.png
-    python benchmarks/bench_core.py --only bw --style pipeline --repeat 15   # targets, tighter
+    python benchmarks/bench_core.py --only bw --style pipeline --repeat 15 --max-repeat 40
 
 Targets (issue: core engine), on shm and tcp: bandwidth >= 0.95 of raw C
 from 64 KiB to 16 MiB; paged 8 B pages >= 0.8 of raw C's rate; one awaitable
