@@ -207,20 +207,19 @@ cdef class Completions:
             iv = _arg_u64("imm", imm, IMM_LIMIT)
         rid = self.next_id
         self.next_id = rid + 1
+        e = self.core.e
+        smr = &src.mr
+        rid_c = rid
+        did = d.id
         if n >= NOGIL_POST_BYTES:
             # a large post can take milliseconds (the shm copy lane copies
             # in it; a shm post waits for the target's region lock): other
             # Python threads run meanwhile.  (The engine is the loop's: no
             # other thread calls into it; src stays referenced here.)
-            e = self.core.e
-            smr = &src.mr
-            rid_c = rid
-            did = d.id
             with nogil:
                 rc = atx_post_write(e, rid_c, smr, so, did, do, n, has_imm, <uint32_t>iv)
         else:
-            rc = atx_post_write(self.core.e, rid, &src.mr, so, d.id, do, n, has_imm,
-                                <uint32_t>iv)
+            rc = atx_post_write(e, rid_c, smr, so, did, do, n, has_imm, <uint32_t>iv)
         if rc:
             raise CoreError(rc, f"write: {atx_strerror(rc).decode()} ({rc})")
         return self._track(rid, src, "write", n, d.peer_name)

@@ -48,7 +48,8 @@ SHORT = {v: k for k, v in NAMES.items()}
 UNITS = {"bw": "GB/s", "rate": "Mop/s", "lat": "us"}
 
 
-BW_TARGET = 0.95                        # bandwidth >= 0.95x raw C, 64 KiB to 16 MiB
+BW_TARGET = 0.95                        # bandwidth >= 0.95x raw C ...
+BW_RANGE = (64 * KIB, 16 * MIB)         # ... at the sizes in this range
 SINGLE = ("pipeline", "write")          # styles of single writes, bandwidth
 RATE = ("pipeline", "await", "write")    # ... and rate
 MODES = ("bw", "rate", "paged", "lat", "idle")   # --only
@@ -94,22 +95,20 @@ def bw_undecided(point: Point, runs: dict[str, list[dict]]) -> bool:
     """A bandwidth point of the target's range (64 KiB to 16 MiB) whose paired
     90% interval, for some aiotransfer style, still holds the 0.95 target:
     one more round of pairs narrows it (run_sweep's sequential rounds)."""
-    if point.mode != "bw" or not 64 * KIB <= point.size <= 16 * MIB:
+    if point.mode != "bw" or not BW_RANGE[0] <= point.size <= BW_RANGE[1]:
         return False
-    specs = list(runs)
-    ref = next((s for s in specs if Backend.parse(s).kind == "raw"), None)
+    ref = next((s for s in runs if Backend.parse(s).kind == "raw"), None)
     if ref is None:
         return False
-    ref_vals = [metric_of(point, r) if r.get("verified") else None for r in runs[ref]]
-    for spec in specs:
+
+    def values(spec: str) -> list:
+        return [metric_of(point, r) if r.get("verified") else None for r in runs[spec]]
+
+    for spec in runs:
         if spec == ref:
             continue
-        vals = paired_ratios(ref_vals, [metric_of(point, r) if r.get("verified") else None
-                                        for r in runs[spec]])
-        if len(vals) < 2:
-            return True
-        lo, hi, _ = median_interval(vals)
-        if lo < BW_TARGET < hi:
+        p = _paired(values(ref), values(spec), point.mode)
+        if p is None or p["n"] < 2 or p["lo"] < BW_TARGET < p["hi"]:
             return True
     return False
 
@@ -178,7 +177,8 @@ def targets(pairs: list[dict]) -> list[dict]:
     out = []
     for prov in ("shm", "tcp"):
         for style in SINGLE:
-            bw = [p for p in find(prov, "bw", style) if 64 * KIB <= p["size"] <= 16 * MIB]
+            bw = [p for p in find(prov, "bw", style)
+                  if BW_RANGE[0] <= p["size"] <= BW_RANGE[1]]
             if bw:
                 short = [p for p in bw if p["paired"]["median"] < BW_TARGET]
                 out.append({
@@ -240,7 +240,7 @@ def plot(pairs: list[dict], path: str) -> None:
                         capsize=3, label=f"{st} ({prov})")
     rx.axhline(BW_TARGET, color="red", linestyle=":", label=f"target {BW_TARGET}")
     rx.axhline(1.0, color="grey", linewidth=0.8)
-    rx.axvspan(64 * KIB, 16 * MIB, color="green", alpha=0.06, label="target range")
+    rx.axvspan(*BW_RANGE, color="green", alpha=0.06, label="target range")
     for axis, ylabel, title in (
             (ax, "GB/s, first post to last arrival (1e9 B/s)",
              "One-sided writes, window 64/16, FI_DELIVERY_COMPLETE, loopback"),

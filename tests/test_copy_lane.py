@@ -168,19 +168,6 @@ async def test_copy_lane_takes_only_writes_of_its_minimum_and_up(make_engine, sh
     assert b.imm_counter(1).value == 0 and b.imm_counter(2).value == 0
 
 
-@pytest.mark.parametrize("name,value", [("AIOTRANSFER_COPY_LANE_MIN", "64k"),
-                                        ("AIOTRANSFER_COPY_LANE_MIN", "-1"),
-                                        ("AIOTRANSFER_SPIN_US", "1.5"),
-                                        ("AIOTRANSFER_COALESCE_US", " 25"),
-                                        ("AIOTRANSFER_MAX_IMM_VALUES", "0")])
-def test_core_environment_is_checked(monkeypatch, name, value):
-    """The C core's tunables are whole numbers: anything else is ValueError
-    naming the variable, before an engine opens anything."""
-    monkeypatch.setenv(name, value)
-    with pytest.raises(ValueError, match=rf"\${name}=.* must be a whole number"):
-        aiotransfer.TransferEngine("shm")
-
-
 async def test_large_posts_let_other_threads_run(make_engine, shm_only, rng, seed):
     """A 16 MiB write over the copy lane is copied inside its post (about a
     millisecond): the post releases the GIL, so another Python thread runs

@@ -322,6 +322,19 @@ def test_constructor_arguments():
         E("tcp", max_chunk=0)
 
 
+@pytest.mark.parametrize("name,value", [("AIOTRANSFER_COPY_LANE_MIN", "64k"),
+                                        ("AIOTRANSFER_COPY_LANE_MIN", "-1"),
+                                        ("AIOTRANSFER_SPIN_US", "1.5"),
+                                        ("AIOTRANSFER_COALESCE_US", " 25"),
+                                        ("AIOTRANSFER_MAX_IMM_VALUES", "0")])
+def test_core_environment_is_checked(monkeypatch, name, value):
+    """The C core's tunables are whole numbers: anything else is ValueError
+    naming the variable, before an engine opens anything."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=rf"\${name}=.* must be a whole number"):
+        aiotransfer.TransferEngine("shm")
+
+
 async def test_unknown_provider_or_nic_fails_at_start():
     engine = aiotransfer.TransferEngine("no-such-provider")
     with pytest.raises(TransferError, match="no-such-provider"):
