@@ -32,6 +32,9 @@ cdef enum:
     # the post; a shm post waits for the target's region lock)
     NOGIL_POST_BYTES = 65536
     NOGIL_POST_ENTRIES = 64
+    # a loop poll after one that took this many ns or more releases the GIL
+    # (_futures.pxi, Completions._tick)
+    POLL_NOGIL_NS = 50000
 
 
 def strerror(int err):

@@ -99,6 +99,8 @@ cdef class Completions:
     cdef object ready               # the loop's run queue (asyncio's deque; None: unknown)
     cdef uint64_t spin_max          # ns a tick may poll in C when the loop has nothing ready
     cdef readonly uint64_t ticks, poll_starts   # loop polls, and times polling began
+    cdef readonly uint64_t ticks_nogil          # loop polls made without the GIL
+    cdef bint poll_long             # the last loop poll took POLL_NOGIL_NS or more
     # the engine's resolution of a write's arguments: its MemoryRegion class,
     # its cache of destinations (shared dict), and its slow paths, which
     # resolve what the cache misses and raise the errors that name the argument
@@ -286,10 +288,26 @@ cdef class Completions:
         worker (and drain what it published before it knew)."""
         cdef atx_engine *e = self.core.e
         cdef int r
+        cdef uint64_t t0
         if e == NULL or self.closed:
             self.polling = False
             return
-        r = atx_app_poll(e, self.poll_window)
+        # A poll that posts queued work or moves a stream through a tcp
+        # socket takes up to a millisecond (a queued copy-lane write up to
+        # 1 ms per 16 MiB); other Python threads may run meanwhile.  Polls
+        # of small work take well under a microsecond, less than handing
+        # the GIL over and back: the GIL goes only after a long poll.
+        if self.poll_long:
+            with nogil:
+                t0 = atx_now_ns()
+                r = atx_app_poll(e, self.poll_window)
+                t0 = atx_now_ns() - t0
+            self.ticks_nogil += 1
+        else:
+            t0 = atx_now_ns()
+            r = atx_app_poll(e, self.poll_window)
+            t0 = atx_now_ns() - t0
+        self.poll_long = t0 >= POLL_NOGIL_NS
         self.ticks += 1
         if not (r & ATX_POLL_RECORDS) and (r & ATX_POLL_AGAIN) and self.ready is not None \
                 and not self.ready:
