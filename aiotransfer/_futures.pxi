@@ -71,6 +71,14 @@ cdef object _check_uint(str name, object v, object limit):
     return i
 
 
+cdef inline int _timed_poll(atx_engine *e, uint64_t window, uint64_t *took) noexcept nogil:
+    """atx_app_poll, and how long it took (ns) in *took."""
+    cdef uint64_t t0 = atx_now_ns()
+    cdef int r = atx_app_poll(e, window)
+    took[0] = atx_now_ns() - t0
+    return r
+
+
 cdef inline uint64_t _arg_u64(str name, object v, uint64_t limit) except? 0xFFFFFFFFFFFFFFFF:
     """_check_uint as a C integer; limit 0 means 2**64."""
     return <uint64_t>_check_uint(name, v, limit if limit else U64_END)
@@ -288,7 +296,7 @@ cdef class Completions:
         worker (and drain what it published before it knew)."""
         cdef atx_engine *e = self.core.e
         cdef int r
-        cdef uint64_t t0
+        cdef uint64_t took
         if e == NULL or self.closed:
             self.polling = False
             return
@@ -299,15 +307,11 @@ cdef class Completions:
         # the GIL over and back: the GIL goes only after a long poll.
         if self.poll_long:
             with nogil:
-                t0 = atx_now_ns()
-                r = atx_app_poll(e, self.poll_window)
-                t0 = atx_now_ns() - t0
+                r = _timed_poll(e, self.poll_window, &took)
             self.ticks_nogil += 1
         else:
-            t0 = atx_now_ns()
-            r = atx_app_poll(e, self.poll_window)
-            t0 = atx_now_ns() - t0
-        self.poll_long = t0 >= POLL_NOGIL_NS
+            r = _timed_poll(e, self.poll_window, &took)
+        self.poll_long = took >= POLL_NOGIL_NS
         self.ticks += 1
         if not (r & ATX_POLL_RECORDS) and (r & ATX_POLL_AGAIN) and self.ready is not None \
                 and not self.ready:
