@@ -217,6 +217,32 @@ async def test_large_posts_let_other_threads_run(make_engine, shm_only, rng, see
     assert max(during) > 0, f"the other thread never ran during a write() call: {during}"
 
 
+async def test_long_loop_polls_release_the_gil(make_engine, shm_only, rng, seed):
+    """A poll of the loop that posts queued work can take milliseconds (a
+    shm copy-lane write of 16 MiB is copied inside its post): after a poll
+    that long the next one releases the GIL (other Python threads run
+    meanwhile); polls of small work keep it.  At a send-queue depth of 1,
+    16 MiB writes wait in the queue and the loop's ticks post them, so such
+    polls must come.  (Not a tcp stream: whether its polls are long depends
+    on how full the socket is.)  Every byte checked."""
+    a = await make_engine("shm", tx_depth=1)
+    b = await make_engine("shm")
+    size, n = 16 << 20, 8
+    src = random_bytes(rng, size * n)
+    dst = np.zeros(size * n, np.uint8)
+    smr, dmr = a.register(src), b.register(dst)
+    await a.write(smr, dmr.descriptor, length=8, imm=2)   # connected
+    await b.expect_imm(2, 1, timeout=30)
+    before = a._c.ticks_nogil
+    futs = [a.write(smr, dmr.descriptor, length=size, src_offset=i * size,
+                    dst_offset=i * size, imm=1) for i in range(n)]
+    await asyncio.wait_for(asyncio.gather(*futs), 60)
+    await b.expect_imm(1, n, timeout=30)
+    assert_bytes(dst, src, f"seed={seed}")
+    assert _copied(a) > 0, "no write took the copy lane"
+    assert a._c.ticks_nogil > before, f"no poll released the GIL ({a._c.ticks} ticks)"
+
+
 def _peer_main(conn, size, n):
     """A separate process: an engine whose region the parent writes into,
     then one that writes back into the parent's region."""
