@@ -15,6 +15,8 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from aiotransfer._atx cimport *
 
 import errno as _errno
+from asyncio import base_events as _asyncio_base
+from asyncio import Future as _asyncio_Future, Handle as _asyncio_Handle
 
 # public constants mirrored for the Python layer
 REC_OP = ATX_REC_OP

@@ -104,6 +104,7 @@ cdef class Completions:
     cdef bint polling               # a poll tick is scheduled: the loop drives the NICs
     cdef readonly uint64_t poll_window   # ns the loop keeps polling after activity; 0: never
     cdef object call_soon, tick
+    cdef object tick_handle         # the tick's reusable loop Handle (default loop), or None
     cdef object ready               # the loop's run queue (asyncio's deque; None: unknown)
     cdef uint64_t spin_max          # ns a tick may poll in C when the loop has nothing ready
     cdef readonly uint64_t ticks, poll_starts   # loop polls, and times polling began
@@ -115,6 +116,16 @@ cdef class Completions:
     cdef object mr_type
     cdef dict dests
     cdef object slow_src, slow_dest
+    cdef object post_error          # callable(CoreError, op name, nbytes, peer) -> exception
+    # the last destination the cache resolved, by identity: a stream of
+    # writes to one region skips the dict lookup and RemoteRegion's hash (a
+    # Python call).  Only cache hits land here (bytes and RemoteRegion,
+    # immutable); a cached Dest stays valid for the engine's life.
+    cdef object last_dst
+    cdef Dest last_d
+    # the default loop's futures are built directly (loop.create_future is
+    # a Python frame that does only this); other loops keep their own
+    cdef object future_type
 
     def __init__(self, CoreEngine core, loop, on_message, make_error, uint64_t poll_window=0):
         self.core = core
@@ -122,6 +133,9 @@ cdef class Completions:
         self.ops = {}
         self.waiters = {}
         self.create_future = loop.create_future
+        self.future_type = None
+        if getattr(type(loop), "create_future", None) is _asyncio_base.BaseEventLoop.create_future:
+            self.future_type = _asyncio_Future
         self.call_soon = loop.call_soon
         self.tick = self._tick
         self.poll_window = poll_window
@@ -129,6 +143,15 @@ cdef class Completions:
         self.ready = getattr(loop, "_ready", None)
         if self.ready is not None and not hasattr(self.ready, "__len__"):
             self.ready = None
+        # On asyncio's own loop the tick goes straight into the run queue
+        # as one Handle, made once: loop.call_soon is four Python frames
+        # and a new Handle each time, a microsecond per loop iteration on
+        # a stream's hot path.  (Debug mode and other loops: call_soon.)
+        self.tick_handle = None
+        if (self.ready is not None and isinstance(loop, _asyncio_base.BaseEventLoop)
+                and type(loop).call_soon is _asyncio_base.BaseEventLoop.call_soon
+                and not loop.get_debug()):
+            self.tick_handle = _asyncio_Handle(self.tick, (), loop, None)
         self.on_message = on_message
         self.make_error = make_error
         self.next_id = 1
@@ -147,7 +170,10 @@ cdef class Completions:
 
     cdef object _track(self, uint64_t rid, CoreMR src, str name, uint64_t nbytes, str peer):
         cdef PendingOp op = PendingOp.__new__(PendingOp)
-        fut = self.create_future()
+        if self.future_type is not None:
+            fut = self.future_type(loop=self.loop)
+        else:
+            fut = self.create_future()
         op.fut = fut
         op.src = src
         op.name = name
@@ -163,12 +189,19 @@ cdef class Completions:
     def track(self, uint64_t rid, CoreMR src, str name, uint64_t nbytes, str peer):
         return self._track(rid, src, name, nbytes, peer)
 
-    def bind(self, mr_type, dict dests, slow_src, slow_dest):
-        """The engine's argument resolution (see the fields)."""
+    def bind(self, mr_type, dict dests, slow_src, slow_dest, post_error):
+        """The engine's argument resolution and its exceptions for posts
+        that fail (see the fields)."""
         self.mr_type = mr_type
         self.dests = dests
         self.slow_src = slow_src
         self.slow_dest = slow_dest
+        self.post_error = post_error
+
+    cdef inline int _live_for(self, str name) except -1:
+        if self.closed or self.core.e == NULL or self.core.stopped:
+            raise self.post_error(CoreError(FI_ESHUTDOWN, "engine is stopped"), name, 0, None)
+        return 0
 
     cdef inline CoreMR _src(self, object src_mr):
         """A MemoryRegion of this engine -> its CoreMR, without a Python frame."""
@@ -182,16 +215,26 @@ cdef class Completions:
     cdef inline Dest _dest(self, object dst):
         """A cached destination (descriptor bytes or RemoteRegion) -> Dest."""
         cdef PyObject *o = NULL
+        if dst is self.last_dst and self.last_d is not None:   # (None is no destination)
+            return self.last_d
         if self.dests is not None:
             o = PyDict_GetItem(self.dests, dst)   # NULL if absent or unhashable
         if o != NULL:
+            self.last_dst = dst
+            self.last_d = <Dest>o
             return <Dest>o
         return <Dest?>self.slow_dest(dst)
 
     # --------------------------------------------------------------- hot path
 
-    def write(self, src_mr, dst, length, src_offset, dst_offset, imm):
-        """Resolve, check, post and track one write; returns its future."""
+    def write(self, src_mr, dst, *, length=None, src_offset=0, dst_offset=0, imm=None):
+        """Write ``length`` bytes (default: the rest of src_mr) from src_mr at
+        src_offset into dst at dst_offset; deliver ``imm`` (if given) once,
+        after every byte is in place.  Returns an awaitable.
+
+        (TransferEngine.write: a running engine's ``write`` is this method,
+        which resolves, checks, posts and tracks the write without a Python
+        frame.)"""
         cdef uint64_t so, do, n, iv = 0, rid_c, did
         cdef bint has_imm = imm is not None
         cdef int rc
@@ -199,7 +242,7 @@ cdef class Completions:
         cdef Dest d
         cdef atx_engine *e
         cdef const atx_mr *smr
-        self._live()
+        self._live_for("write")
         src = self._src(src_mr)
         d = self._dest(dst)
         if src is None or not src.registered:
@@ -231,21 +274,27 @@ cdef class Completions:
         else:
             rc = atx_post_write(e, rid_c, smr, so, did, do, n, has_imm, <uint32_t>iv)
         if rc:
-            raise CoreError(rc, f"write: {atx_strerror(rc).decode()} ({rc})")
+            raise self.post_error(CoreError(rc, f"write: {atx_strerror(rc).decode()} ({rc})"),
+                                  "write", 0, d.peer_name) from None
         return self._track(rid, src, "write", n, d.peer_name)
 
     def write_imm(self, dst, imm):
+        """Deliver only an immediate to dst's owner (a zero-byte write).
+
+        (TransferEngine.write_imm: a running engine's ``write_imm`` is this
+        method.)"""
         cdef Dest d
         cdef uint64_t iv
         cdef int rc
-        self._live()
+        self._live_for("write_imm")
         d = self._dest(dst)
         iv = _arg_u64("imm", imm, IMM_LIMIT)
         rid = self.next_id
         self.next_id = rid + 1
         rc = atx_post_write(self.core.e, rid, NULL, 0, d.id, 0, 0, True, <uint32_t>iv)
         if rc:
-            raise CoreError(rc, f"write_imm: {atx_strerror(rc).decode()} ({rc})")
+            raise self.post_error(CoreError(rc, f"write_imm: {atx_strerror(rc).decode()} ({rc})"),
+                                  "write_imm", 0, d.peer_name) from None
         return self._track(rid, None, "write_imm", 0, d.peer_name)
 
     # ------------------------------------------------------------- immediates
@@ -288,7 +337,13 @@ cdef class Completions:
         self.polling = True
         self.poll_starts += 1
         atx_app_polling(self.core.e, 1)
-        self.call_soon(self.tick)
+        self._schedule_tick()
+
+    cdef inline void _schedule_tick(self):
+        if self.tick_handle is not None:
+            self.ready.append(self.tick_handle)
+        else:
+            self.call_soon(self.tick)
 
     def _tick(self):
         """One poll from the event loop; again soon while work is pending
@@ -323,7 +378,7 @@ cdef class Completions:
             self._dispatch_safe(False)
         if (r & ATX_POLL_AGAIN) and not self.closed:
             # (also with nothing pending: the next operation usually follows)
-            self.call_soon(self.tick)
+            self._schedule_tick()
             return
         self.polling = False
         if self.core.e != NULL and not self.closed:
@@ -337,7 +392,8 @@ cdef class Completions:
             return False
         if not ready:
             return True
-        return len(ready) == 1 and getattr(ready[0], "_callback", None) is self.tick
+        return len(ready) == 1 and (ready[0] is self.tick_handle
+                                    or getattr(ready[0], "_callback", None) is self.tick)
 
     def spin(self, fut):
         """An awaiter is about to wait for fut and the loop has nothing else
@@ -440,6 +496,8 @@ cdef class Completions:
         self.core.stop()
         self.dispatch(True)
         self.closed = True
+        self.last_dst = None
+        self.last_d = None
         for o in list(self.ops.values()):
             op = <PendingOp>o
             if op.src is not None:

@@ -584,7 +584,7 @@ class TransferEngine:
         self._core = core
         self._c = _core.Completions(core, loop, self._msgs.deliver, _op_error,
                                     int(self._busy_poll * 1e9))
-        self._c.bind(MemoryRegion, self._dests, self._src, self._dest)
+        self._c.bind(MemoryRegion, self._dests, self._src, self._dest, self._posted)
         self._address = EngineAddress(self.provider, self._engine_id,
                                       tuple(core.getname(i) for i in range(core.nic_count())),
                                       self._msg_size)
@@ -605,7 +605,21 @@ class TransferEngine:
             for k in range(eps):
                 core.set_weight(i * eps + k, max(1, round(w / top * 1_000_000)) if w else 0)
         self._state = "running"
+        self._fast_paths(True)
         return self
+
+    _FAST = ("write", "write_imm")
+
+    def _fast_paths(self, on: bool) -> None:
+        """While the engine runs, ``self.write`` and ``self.write_imm`` are
+        the futures layer's methods themselves (same arguments, checks and
+        exceptions): a call costs no Python frame.  A subclass that overrides
+        one keeps its override."""
+        for name in self._FAST:
+            if on and getattr(type(self), name) is getattr(TransferEngine, name):
+                setattr(self, name, getattr(self._c, name))
+            else:
+                self.__dict__.pop(name, None)
 
     async def close(self) -> None:
         """Stop the worker; every pending operation and waiter fails with
@@ -614,6 +628,7 @@ class TransferEngine:
             self._state = "closed"
             return
         self._state = "closed"
+        self._fast_paths(False)
         exc = EngineClosedError("engine closed")
         try:
             # stopping waits (at most 2 s) for work requests at the NIC: not
@@ -844,21 +859,15 @@ class TransferEngine:
         """Write ``length`` bytes (default: the rest of src_mr) from src_mr at
         src_offset into dst at dst_offset; deliver ``imm`` (if given) once,
         after every byte is in place.  Returns an awaitable."""
-        if self._state != "running":
-            self._core_or_closed()
-        try:   # the hot path: _core resolves src_mr and dst (cached) in C
-            return self._c.write(src_mr, dst, length, src_offset, dst_offset, imm)
-        except _core.CoreError as exc:
-            raise self._posted(exc, "write", 0, self._dest(dst).peer_name) from None
+        # (a running engine's write is the futures layer's: see _fast_paths)
+        self._core_or_closed()
+        return self._c.write(src_mr, dst, length=length, src_offset=src_offset,
+                             dst_offset=dst_offset, imm=imm)
 
     def write_imm(self, dst: Destination, imm: int) -> asyncio.Future:
         """Deliver only an immediate to dst's owner (a zero-byte write)."""
-        if self._state != "running":
-            self._core_or_closed()
-        try:
-            return self._c.write_imm(dst, imm)
-        except _core.CoreError as exc:
-            raise self._posted(exc, "write_imm", 0, self._dest(dst).peer_name) from None
+        self._core_or_closed()
+        return self._c.write_imm(dst, imm)
 
     def write_paged(self, src_mr: MemoryRegion, src_pages: Any, dst: Destination,
                     dst_pages: Any, *, page_size: int, src_stride: int | None = None,

@@ -91,6 +91,90 @@ async def test_closed_engine_rejects_everything(make_engine, provider):
     await b.expect_imm(3, 1, timeout=30)
 
 
+async def test_write_methods_kept_across_close(make_engine, provider):
+    """A running engine's write and write_imm, kept by a caller (a bound
+    method taken while it ran), raise EngineClosedError naming the
+    operation once the engine is closed; the engine's own attributes do
+    too."""
+    a = await make_engine(provider)
+    b = await make_engine(provider)
+    src = np.arange(64, dtype=np.uint8)
+    dst = np.zeros(64, np.uint8)
+    smr, d = a.register(src), b.register(dst).descriptor
+    write, write_imm = a.write, a.write_imm
+    await write(smr, d, length=64, imm=1)
+    await write_imm(d, 2)
+    await b.expect_imm(1, 1, timeout=30)
+    await b.expect_imm(2, 1, timeout=30)
+    assert_bytes(dst, src, "write through a kept bound method")
+    await a.close()
+    for name, call in (("write", lambda: write(smr, d, length=8, imm=1)),
+                       ("write_imm", lambda: write_imm(d, 2))):
+        with pytest.raises(EngineClosedError) as info:
+            call()
+        assert info.value.op == name, f"{name}: op {info.value.op!r}"
+    for call in (lambda: a.write(smr, d), lambda: a.write_imm(d, 1)):
+        with pytest.raises(EngineClosedError):
+            call()
+    with pytest.raises(TypeError):   # still keyword-only after the first two
+        await b.write(b.register(bytearray(8)), d, 8)
+
+
+async def test_subclass_overrides_of_write_are_called(provider, rng, seed):
+    """A TransferEngine subclass that overrides write / write_imm gets its
+    overrides called on a running engine (the fast path steps aside)."""
+    calls: list[str] = []
+
+    class Logged(aiotransfer.TransferEngine):
+        def write(self, src_mr, dst, **kw):
+            calls.append("write")
+            return super().write(src_mr, dst, **kw)
+
+        def write_imm(self, dst, imm):
+            calls.append("write_imm")
+            return super().write_imm(dst, imm)
+
+    kw = {"nics": nics_for(provider)}
+    async with Logged(provider, **kw) as a, aiotransfer.TransferEngine(provider, **kw) as b:
+        src = random_bytes(rng, 4096)
+        dst = np.zeros(4096, np.uint8)
+        smr, d = a.register(src), b.register(dst).descriptor
+        await a.write(smr, d, length=4096, imm=5)
+        await a.write_imm(d, 6)
+        await b.expect_imm(5, 1, timeout=30)
+        await b.expect_imm(6, 1, timeout=30)
+        assert_bytes(dst, src, f"seed={seed}: write through the subclass")
+        assert calls == ["write", "write_imm"], calls
+
+
+async def test_writes_in_asyncio_debug_mode(provider, rng, seed):
+    """With the loop in debug mode the poll tick goes through call_soon
+    (asyncio's checks stay on); writes of random sizes land byte for byte."""
+    loop = asyncio.get_running_loop()
+    was = loop.get_debug()
+    loop.set_debug(True)
+    try:
+        kw = {"nics": nics_for(provider)}
+        async with aiotransfer.TransferEngine(provider, **kw) as a, \
+                aiotransfer.TransferEngine(provider, **kw) as b:
+            cap = 256 * 1024
+            src = random_bytes(rng, cap)
+            dst = np.zeros(cap, np.uint8)
+            smr, d = a.register(src), b.register(dst).descriptor
+            exp = dst.copy()
+            futs, n, step = [], 32, cap // 32
+            for i in range(n):
+                ln = int(rng.integers(1, step))
+                exp[i * step:i * step + ln] = src[i * step:i * step + ln]
+                futs.append(a.write(smr, d, length=ln, src_offset=i * step,
+                                    dst_offset=i * step, imm=1))
+            await asyncio.wait_for(asyncio.gather(*futs), 30)
+            await b.expect_imm(1, n, timeout=30)
+            assert_bytes(dst, exp, f"seed={seed}: writes in debug mode")
+    finally:
+        loop.set_debug(was)
+
+
 def _outcomes(results) -> dict[str, int]:
     out: dict[str, int] = {}
     for r in results:

@@ -11,6 +11,7 @@ import asyncio
 import time
 
 import numpy as np
+import pytest
 
 from support import KiB, assert_bytes, random_bytes, settle
 
@@ -19,10 +20,14 @@ def _completed(engine) -> int:
     return sum(s["wrs_completed"] for s in engine.stats())
 
 
-async def test_worker_takes_over_while_the_loop_is_blocked(make_engine, provider, rng, seed):
+@pytest.mark.parametrize("drove", [False, True], ids=["fresh", "after-driving"])
+async def test_worker_takes_over_while_the_loop_is_blocked(make_engine, provider, rng, seed,
+                                                           drove):
     """Writes posted, then the loop blocks (time.sleep in a coroutine): the
     loop's tick cannot run, so the workers must complete the writes and
-    count the immediates meanwhile (seen through the synchronous stats)."""
+    count the immediates meanwhile (seen through the synchronous stats).
+    after-driving: the loop first polled without a break for 100 ms, so
+    the writer's worker naps have backed off to their longest."""
     a = await make_engine(provider)
     b = await make_engine(provider)
     n, size = 64, 16 * KiB
@@ -31,6 +36,12 @@ async def test_worker_takes_over_while_the_loop_is_blocked(make_engine, provider
     smr, dmr = a.register(src), b.register(dst)
     await a.write(smr, dmr.descriptor, length=8, imm=2)   # connected
     await b.expect_imm(2, 1, timeout=30)
+    if drove:
+        end, k = time.monotonic() + 0.1, 0
+        while time.monotonic() < end:
+            await a.write(smr, dmr.descriptor, length=size, imm=3)
+            k += 1
+        await b.expect_imm(3, k, timeout=30)
     before = _completed(a)
     futs = [a.write(smr, dmr.descriptor, length=size, src_offset=i * size,
                     dst_offset=i * size, imm=1) for i in range(n)]

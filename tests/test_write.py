@@ -107,6 +107,46 @@ async def test_destination_forms(pair, rng, seed):
     assert_bytes(dst, src, f"seed={seed}")
 
 
+async def test_destination_cache_keeps_regions_apart(pair, rng, seed):
+    """The futures layer remembers the last destination it resolved, by
+    identity.  Random writes into two regions through every form of their
+    destinations -- the same RemoteRegion object again and again, equal
+    copies of it, descriptor bytes, and one bytearray whose contents switch
+    between the two descriptors in place (mutable: never remembered) --
+    each land in the region their destination names at that moment."""
+    a, b = pair
+    size, n = 4096, 300
+    src = random_bytes(rng, size)
+    dst1, dst2 = np.zeros(size, np.uint8), np.zeros(size, np.uint8)
+    smr, m1, m2 = a.register(src), b.register(dst1), b.register(dst2)
+    r1, r2 = RemoteRegion.from_bytes(m1.descriptor), RemoteRegion.from_bytes(m2.descriptor)
+    flip = bytearray(m1.descriptor)
+    forms = {1: [r1, RemoteRegion.from_bytes(m1.descriptor), m1.descriptor],
+             2: [r2, RemoteRegion.from_bytes(m2.descriptor), m2.descriptor]}
+    exp = {1: dst1.copy(), 2: dst2.copy()}
+    count = {1: 0, 2: 0}
+    for i in range(n):
+        which = int(rng.integers(1, 3))
+        k = int(rng.integers(0, 4))
+        if k == 3:
+            flip[:] = (m1 if which == 1 else m2).descriptor
+            form = flip
+        else:
+            form = forms[which][k]
+        ln = int(rng.integers(1, 64))
+        so, do = int(rng.integers(0, size - ln)), int(rng.integers(0, size - ln))
+        exp[which][do:do + ln] = src[so:so + ln]
+        # awaited one by one: later ranges may overlap earlier ones
+        await a.write(smr, form, length=ln, src_offset=so, dst_offset=do, imm=which)
+        count[which] += 1
+    await b.expect_imm(1, count[1], timeout=30)
+    await b.expect_imm(2, count[2], timeout=30)
+    await settle()
+    assert b.imm_counter(1).value == b.imm_counter(2).value == 0, "an extra immediate"
+    assert_bytes(dst1, exp[1], f"seed={seed}: region 1")
+    assert_bytes(dst2, exp[2], f"seed={seed}: region 2")
+
+
 def _mmap_buf(n: int) -> mmap.mmap:
     return mmap.mmap(-1, n)
 
