@@ -14,6 +14,12 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 
 from aiotransfer._atx cimport *
 
+cdef extern from "Python.h":
+    # (no exception spec: the caller checks PyErr_Occurred itself)
+    unsigned long long _long_as_ull "PyLong_AsUnsignedLongLong"(object) noexcept
+    void* PyErr_Occurred() noexcept
+    void PyErr_Clear() noexcept
+
 import errno as _errno
 from asyncio import base_events as _asyncio_base
 from asyncio import Future as _asyncio_Future, Handle as _asyncio_Handle
