@@ -7,7 +7,7 @@ PROVIDER ?= auto
 PY       := $(VENV)/bin/python
 APT_PKGS := libfabric-dev libfabric-bin libibverbs-dev ibverbs-utils pkg-config gcc make \
             iproute2 nftables python3-venv python3-dev
-PY_PKGS  := "Cython>=3.0" "numpy>=1.22" setuptools wheel pytest pytest-asyncio pytest-timeout hypothesis
+PY_PKGS  := "Cython>=3.0" "numpy>=1.22" setuptools wheel pytest pytest-asyncio pytest-timeout hypothesis uvloop
 
 .PHONY: all deps venv build test test-slow demo bench info clean
 

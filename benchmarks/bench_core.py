@@ -23,7 +23,8 @@ Single writes are measured in three styles of application code (see
 aiotransfer/bench/aio.py): ``pipeline`` (a deque of awaitables, the oldest
 awaited when the window is full), ``await`` (a coroutine per window slot,
 each awaiting its write) and ``write`` (a done-callback per future, the
-window refilled when half of it completed).
+window refilled when half of it completed); ``--style`` may add
+``pipeline-uvloop`` (the pipeline style on uvloop's event loop).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ BW_TARGET = 0.95                        # bandwidth >= 0.95x raw C ...
 BW_RANGE = (64 * KIB, 16 * MIB)         # ... at the sizes in this range
 SINGLE = ("pipeline", "write")          # styles of single writes, bandwidth
 RATE = ("pipeline", "await", "write")    # ... and rate
+OPT_IN = ("pipeline-uvloop",)            # only when --style names them (pip install uvloop)
 MODES = ("bw", "rate", "paged", "lat", "idle")   # --only
 
 
@@ -81,7 +83,7 @@ def plan(providers: list[str], quick: bool, only: tuple[str, ...] = MODES,
             if kind not in only:
                 continue
             if kind in ("bw", "rate"):
-                kinds = tuple(st for st in kinds if st in styles)
+                kinds = tuple(st for st in kinds + OPT_IN if st in styles)
                 if not kinds:
                     continue
             if prov == "udp" and point.mode == "bw":
@@ -265,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"kinds of point, comma-separated (default {','.join(MODES)})")
     ap.add_argument("--style", default=",".join(RATE),
                     help="styles of single writes for bw and rate points, comma-separated "
-                         f"(default {','.join(RATE)}; bandwidth has {', '.join(SINGLE)})")
+                         f"(default {','.join(RATE)}; bandwidth has {', '.join(SINGLE)}; "
+                         f"opt-in: {', '.join(OPT_IN)}, both processes on uvloop)")
     ap.add_argument("--repeat", type=int, default=5, help="runs per point (median)")
     ap.add_argument("--max-repeat", type=int, default=20,
                     help="bandwidth points of the target's range whose paired 90%% interval "
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     providers = [SHORT.get(p, p) for p in (a.provider or ["shm", "tcp"])]
     only = tuple(x.strip() for x in a.only.split(",") if x.strip())
     styles = tuple(x.strip() for x in a.style.split(",") if x.strip())
-    for name, got, allowed in (("--only", only, MODES), ("--style", styles, RATE)):
+    for name, got, allowed in (("--only", only, MODES), ("--style", styles, RATE + OPT_IN)):
         bad = [x for x in got if x not in allowed]
         if bad or not got:
             ap.error(f"{name}: {', '.join(bad) or 'nothing'} not among {', '.join(allowed)}")

@@ -15,6 +15,8 @@ the target counts the immediates):
 - ``paged``: ``engine.write_paged`` calls of ``pages`` pages (default half a
   window), pages taken from a chain of random permutations of the slots,
   each page to the same index on the target; one immediate per page.
+- ``pipeline-uvloop``: the pipeline style with both processes running
+  uvloop's event loop instead of asyncio's (``pip install uvloop``).
 
 ``lat``: an 8-byte write with immediate, ping-pong; each side waits only for
 the peer's immediate, the writes' own completions are collected at the end.
@@ -35,7 +37,21 @@ from .common import (SEED_PONG, Point, cpu_seconds, now, pattern, pattern_region
 IMM_DATA = 1
 IMM_PING = 2
 IMM_PONG = 3
-STYLES = ("write", "await", "pipeline", "paged")
+STYLES = ("write", "await", "pipeline", "paged", "pipeline-uvloop")
+UVLOOP = "-uvloop"
+
+
+def _base_style(cfg: dict) -> str:
+    return cfg.get("style", "write").removesuffix(UVLOOP)
+
+
+def _run_loop(coro, cfg: dict):
+    """asyncio.run, or uvloop's loop for a ``-uvloop`` style."""
+    if cfg.get("style", "").endswith(UVLOOP):
+        import uvloop
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(coro)
+    return asyncio.run(coro)
 
 
 def unavailable(transport: str) -> str | None:
@@ -62,7 +78,7 @@ def paged_plan(point: Point, pages: int | None) -> tuple[int, int, int]:
 
 def _op_counts(cfg: dict, point: Point) -> tuple[int, int]:
     """Immediates the target receives in the warm-up and in the measured phase."""
-    if cfg.get("style") == "paged":
+    if _base_style(cfg) == "paged":
         k, warm_calls, calls = paged_plan(point, point.pages)
         return warm_calls * k, calls * k
     return point.nwarm, point.iters
@@ -113,7 +129,7 @@ class _windowed:
 # ------------------------------------------------------------------ server
 
 def server_main(conn, cfg: dict) -> dict:
-    return asyncio.run(_server(conn, cfg))
+    return _run_loop(_server(conn, cfg), cfg)
 
 
 async def _server(conn, cfg: dict) -> dict:
@@ -153,12 +169,12 @@ async def _server(conn, cfg: dict) -> dict:
 # ------------------------------------------------------------------ client
 
 def client_main(conn, cfg: dict) -> dict:
-    return asyncio.run(_client(conn, cfg))
+    return _run_loop(_client(conn, cfg), cfg)
 
 
 async def _client(conn, cfg: dict) -> dict:
     point = Point(**cfg["point"])
-    style = cfg.get("style", "write")
+    style = _base_style(cfg)
     async with _engine(cfg) as eng:
         src = pattern_region(point.region)
         mr = eng.register(src)

@@ -6,6 +6,7 @@
 | ``aiotransfer:<t>:paged`` | ``write_paged`` calls |
 | ``aiotransfer:<t>:await`` | one awaitable per write, awaited where it is issued |
 | ``aiotransfer:<t>:pipeline`` | one awaitable per write, the oldest awaited when the window is full |
+| ``aiotransfer:<t>:pipeline-uvloop`` | the same, both processes on uvloop's event loop |
 | ``raw:shm``, ``raw:tcp`` (``:paged``) | the C libfabric reference (fi_rawbench.c) |
 | ``mooncake:tcp`` | Mooncake Transfer Engine, tcp transport, P2P handshake metadata |
 | ``nixl:tcp``, ``nixl:shm`` (``:pthread``) | NIXL, UCX backend over tcp / shared memory |
@@ -22,7 +23,8 @@ from functools import cached_property
 from .common import Point, Unavailable, measure_idle, run_pair, summarize
 
 KINDS = {
-    "aiotransfer": {"module": "aio", "styles": ("write", "await", "pipeline", "paged"),
+    "aiotransfer": {"module": "aio", "styles": ("write", "await", "pipeline", "paged",
+                                                "pipeline-uvloop"),
                     "transports": ("shm", "tcp", "udp", "sockets")},
     "raw": {"module": "raw", "styles": ("write", "paged"),
             "transports": ("shm", "tcp", "udp", "sockets")},
@@ -71,6 +73,11 @@ class Backend:
 
     def unavailable(self) -> str | None:
         """None if the backend can run here, else the exact reason."""
+        if self.style.endswith("-uvloop"):
+            try:
+                importlib.import_module("uvloop")
+            except ImportError:
+                return "uvloop is not installed (pip install uvloop)"
         try:
             return self.module.unavailable(self.transport)
         except Unavailable as exc:
