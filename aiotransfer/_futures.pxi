@@ -172,8 +172,11 @@ cdef class Completions:
         self.next_id = i + 1
         return i
 
+    cdef inline bint _stopped(self):
+        return self.closed or self.core.e == NULL or self.core.stopped
+
     cdef inline int _live(self) except -1:
-        if self.closed or self.core.e == NULL or self.core.stopped:
+        if self._stopped():
             raise CoreError(FI_ESHUTDOWN, "engine is stopped")
         return 0
 
@@ -210,7 +213,8 @@ cdef class Completions:
         self.post_error = post_error
 
     cdef inline int _live_for(self, str name) except -1:
-        if self.closed or self.core.e == NULL or self.core.stopped:
+        """_live, the exception being the engine's for a post named `name`."""
+        if self._stopped():
             raise self.post_error(CoreError(FI_ESHUTDOWN, "engine is stopped"), name, 0, None)
         return 0
 

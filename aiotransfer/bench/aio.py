@@ -31,23 +31,22 @@ import numpy as np
 
 import aiotransfer
 
-from .common import (SEED_PONG, Point, cpu_seconds, now, pattern, pattern_region,
-                     verify_region, zeros)
+from .common import (SEED_PONG, UVLOOP_SUFFIX, Point, cpu_seconds, now, pattern,
+                     pattern_region, verify_region, zeros)
 
 IMM_DATA = 1
 IMM_PING = 2
 IMM_PONG = 3
 STYLES = ("write", "await", "pipeline", "paged", "pipeline-uvloop")
-UVLOOP = "-uvloop"
 
 
 def _base_style(cfg: dict) -> str:
-    return cfg.get("style", "write").removesuffix(UVLOOP)
+    return cfg.get("style", "write").removesuffix(UVLOOP_SUFFIX)
 
 
 def _run_loop(coro, cfg: dict):
     """asyncio.run, or uvloop's loop for a ``-uvloop`` style."""
-    if cfg.get("style", "").endswith(UVLOOP):
+    if cfg.get("style", "").endswith(UVLOOP_SUFFIX):
         import uvloop
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(coro)

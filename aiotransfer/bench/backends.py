@@ -20,7 +20,7 @@ import importlib
 from dataclasses import dataclass
 from functools import cached_property
 
-from .common import Point, Unavailable, measure_idle, run_pair, summarize
+from .common import UVLOOP_SUFFIX, Point, Unavailable, measure_idle, run_pair, summarize
 
 KINDS = {
     "aiotransfer": {"module": "aio", "styles": ("write", "await", "pipeline", "paged",
@@ -73,7 +73,7 @@ class Backend:
 
     def unavailable(self) -> str | None:
         """None if the backend can run here, else the exact reason."""
-        if self.style.endswith("-uvloop"):
+        if self.style.endswith(UVLOOP_SUFFIX):
             try:
                 importlib.import_module("uvloop")
             except ImportError:

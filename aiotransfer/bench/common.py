@@ -43,6 +43,7 @@ KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 REGION_BUDGET = 256 * MIB
 SEED_DATA = 7
 SEED_PONG = 11
+UVLOOP_SUFFIX = "-uvloop"   # an aiotransfer style so named runs both processes on uvloop
 
 
 class Unavailable(RuntimeError):
