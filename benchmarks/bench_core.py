@@ -165,7 +165,9 @@ def table(doc: dict) -> tuple[str, list[dict]]:
         pairs.append({"provider": NAMES[b.transport], "mode": mode, "style": b.style,
                       "size": size, "window": window, "raw": r_v, "aio": a_v,
                       "paired": paired,
-                      "raw_runs": raw and raw["runs"], "aio_runs": aio["runs"], "verified": ok})
+                      "raw_runs": raw and raw["runs"], "aio_runs": aio["runs"],
+                      "raw_started_s": raw and raw.get("started_s"),
+                      "aio_started_s": aio.get("started_s"), "verified": ok})
     return "\n".join(out), pairs
 
 

@@ -128,6 +128,7 @@ def run_sweep(points: list[tuple[Point, list[str]]], selected: list[str], repeat
     total += len([s for s in idle if s in runnable])
     bar = ProgressBar(total, "bench", stream=sys.stderr if progress else open(os.devnull, "w"))
     rows = []
+    t0 = time.monotonic()
     for point, specs in points:
         specs = [s for s in specs if s in runnable]
         runs: dict[str, list] = {s: [] for s in specs}
@@ -140,11 +141,13 @@ def run_sweep(points: list[tuple[Point, list[str]]], selected: list[str], repeat
             for spec in (specs if r % 2 == 0 else specs[::-1]):
                 bar.label = f"{point.mode} {fmt_size(point.size)} {spec}"
                 quiet = wait_quiet(wait_idle, interval=0.2) if wait_idle > 0 else None
+                started = round(time.monotonic() - t0, 2)
                 try:
                     runs[spec].append(backends[spec].run(point, timeout=timeout))
                 except (BenchError, Unavailable) as exc:
                     runs[spec].append({"error": str(exc), "verified": False})
                 runs[spec][-1]["idle_before"] = quiet
+                runs[spec][-1]["started_s"] = started   # (when: modes of the VM last seconds)
                 bar.update(1)
             r += 1
         for spec in specs:
@@ -178,6 +181,7 @@ def _row(point: Point, backend: Backend, runs: list[dict]) -> dict:
     row = {"mode": point.mode, "size": point.size, "window": point.window,
            "iters": point.iters, "pages": point.pages, "backend": backend.spec, "label": backend.label,
            "value": _median(vals), "runs": [metric_of(point, r) for r in runs],
+           "started_s": [r.get("started_s") for r in runs],
            "verified": all(r.get("verified") for r in runs),
            "errors": [r["error"] for r in runs if "error" in r]}
     row["min"] = min(vals) if vals else None
