@@ -37,7 +37,6 @@ from .common import (SEED_PONG, UVLOOP_SUFFIX, Point, cpu_seconds, now, pattern,
 IMM_DATA = 1
 IMM_PING = 2
 IMM_PONG = 3
-STYLES = ("write", "await", "pipeline", "paged", "pipeline-uvloop")
 
 
 def _base_style(cfg: dict) -> str:

@@ -43,7 +43,6 @@ UCX_ENV = {
     "tcp": {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"},
     "shm": {"UCX_TLS": "sm,self"},
 }
-STYLES = ("poll", "pthread")
 NOTIF_DATA = b"w"
 NOTIF_PING = b"p"
 NOTIF_PONG = b"q"
