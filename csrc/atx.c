@@ -30,6 +30,8 @@
 #include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/random.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -59,6 +61,8 @@
 #define ATX_STUCK_NS 50000000ULL      /* a call inside the provider this long: see shm_unstick.c */
 #define ATX_OWN_STUCK_NS 1000000000ULL /* our own region's lock taken, its queue still, this long */
 #define ATX_DRAIN_NS 2000000000ULL    /* close: wait this long for posted requests */
+#define ATX_CLOSE_SETTLE_NS 1000000000ULL /* tcp close: its connections wind down this long */
+#define ATX_CLOSE_QUIET_NS 5000000ULL /* ...without a CQ wait fd: until nothing came this long */
 #define ATX_COALESCE_NS 25000ULL      /* hold a wake-up back at most this long */
 #define ATX_COALESCE_MAX 64           /* ...or until this many records wait */
 #define ATX_MAX_COUNTERS (1u << 20)   /* distinct immediate values counted at once */
@@ -258,6 +262,16 @@ typedef struct atx_own_region {
     uint64_t ut, st;                  /* ...whose CPU times were these */
 } atx_own_region;
 
+/* The engine's record of one registration, in C memory (an atx_mr lives in
+ * its Python object): what shutdown_worker closes before the endpoints on
+ * tcp, and what atx_engine_destroy closes if a region was never
+ * deregistered.  A fid closed here is NULL, and do_mr_dereg skips it. */
+typedef struct atx_reg {
+    struct atx_reg *prev, *next;
+    int nnics;
+    struct fid_mr *fid[ATX_MAX_NICS];
+} atx_reg;
+
 struct atx_engine {
     atx_config cfg;
     char provider[64];
@@ -327,6 +341,8 @@ struct atx_engine {
     int notify_fd;
 
     uint64_t spin_ns;                  /* keep polling this long after activity */
+    atx_reg *regs;                     /* registered regions (under prog_lock) */
+    int regions_first;                 /* shutdown closes the regions before the endpoints */
     uint64_t copy_min;                 /* the smallest write the shm copy lane takes */
     /* immediate counters */
     pthread_mutex_t imm_lock;
@@ -342,9 +358,8 @@ const char *atx_strerror(int err) { return fi_strerror(err < 0 ? -err : err); }
  * a process: libfabric 1.17's tcp provider crashed (inside fi_close of an
  * endpoint) when two engines of one process closed or opened endpoints at
  * the same time (seen here; the domains are FI_THREAD_DOMAIN, which covers
- * one domain, not provider-wide state).  A rarer crash in the same fi_close
- * also happens with this lock held (one engine closed while another of the
- * same process streams into it): see docs/architecture.md. */
+ * one domain, not provider-wide state).  The crash in fi_close of a target
+ * that a peer streams into is another: see close_regions_then_settle. */
 static pthread_mutex_t g_lifecycle_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* Pollers keep polling for a while after the last completion (or arrival):
@@ -1235,11 +1250,45 @@ static void do_mr_reg(atx_engine *e, atx_cmd *cmd) {
         mr->key[i] = n->pub.prov_key ? fi_mr_key(fmr) : key;
         mr->base[i] = n->pub.virt_addr ? (uint64_t)(uintptr_t)cmd->addr : 0;
     }
+    if (!rc) {
+        atx_reg *reg = calloc(1, sizeof(*reg));
+        if (reg) {
+            reg->nnics = mr->nnics;
+            for (int j = 0; j < mr->nnics; j++) reg->fid[j] = mr->fid[j];
+            reg->next = e->regs;
+            if (e->regs) e->regs->prev = reg;
+            e->regs = reg;
+            mr->reg = reg;
+        } else {
+            seterr(cmd->err, sizeof(cmd->err), "registration record", -FI_ENOMEM);
+            rc = -FI_ENOMEM;
+        }
+    }
     if (rc) {
         for (int j = 0; j < i; j++) fi_close(&((struct fid_mr *)mr->fid[j])->fid);
         memset(mr->fid, 0, sizeof(mr->fid));
     }
     cmd_finish(cmd, rc);
+}
+
+/* Close a registration record's MRs (those still open); 0 or the first error. */
+static int reg_close_mrs(atx_reg *reg) {
+    int rc = 0;
+    for (int i = 0; i < reg->nnics; i++) {
+        if (reg->fid[i]) {
+            int r = fi_close(&reg->fid[i]->fid);
+            if (r && !rc) rc = r;
+            reg->fid[i] = NULL;
+        }
+    }
+    return rc;
+}
+
+static void reg_unlink(atx_engine *e, atx_reg *reg) {
+    if (reg->prev) reg->prev->next = reg->next;
+    else e->regs = reg->next;
+    if (reg->next) reg->next->prev = reg->prev;
+    free(reg);
 }
 
 static void do_mr_dereg(atx_engine *e, atx_cmd *cmd) {
@@ -1268,13 +1317,13 @@ static void do_mr_dereg(atx_engine *e, atx_cmd *cmd) {
             }
         }
     }
-    for (int i = 0; i < mr->nnics; i++) {
-        if (mr->fid[i]) {
-            int r = fi_close(&((struct fid_mr *)mr->fid[i])->fid);
-            if (r && !rc) rc = r;
-            mr->fid[i] = NULL;
-        }
+    /* (closed already if shutdown_worker closed the regions first) */
+    if (mr->reg) {
+        rc = reg_close_mrs(mr->reg);
+        reg_unlink(e, mr->reg);
+        mr->reg = NULL;
     }
+    memset(mr->fid, 0, sizeof(mr->fid));
     cmd_finish(cmd, rc);
 }
 
@@ -2380,6 +2429,119 @@ out:
     __atomic_store_n(&e->sleeping, 0, __ATOMIC_SEQ_CST);
 }
 
+/* Closing a tcp engine while a peer writes into it.
+ *
+ * libfabric 1.17's tcp;ofi_rxm dereferences a NULL context (in
+ * rxm_handle_comp_error, from rxm_flush_msg_cq) when an endpoint is closed
+ * while a peer's write with remote CQ data is half received: tcp reports
+ * that write cancelled, and a remote write has no context.  tcp frees a
+ * half-received write without that report only when its socket fails
+ * under it.  So before the endpoints close:
+ *  1. the regions are closed: a peer's next write fails tcp's key check,
+ *     which drops the connection (nothing half received then);
+ *  2. every connected socket of our CQs is shut for reading: tcp reads
+ *     what the kernel holds, then sees the end of the stream in the middle
+ *     of any write, frees it silently and disables that connection, which
+ *     takes its socket out of the CQ's wait set;
+ *  3. we poll until no connected socket is left in those sets (at most
+ *     ATX_CLOSE_SETTLE_NS).
+ * The sockets are found through /proc/self/fdinfo of the CQ's wait fd (an
+ * epoll set that holds tcp's own CQ epoll set, which holds the sockets):
+ * only this engine's, and open while we hold prog_lock.  Without a wait
+ * fd, step 2 is skipped and 3 becomes: poll until nothing arrived for
+ * ATX_CLOSE_QUIET_NS.  Under prog_lock. */
+
+/* The fds an epoll fd watches (from /proc/self/fdinfo), at most max. */
+static int epoll_members(int epfd, int *out, int max) {
+    char path[64], line[256];
+    FILE *f;
+    int n = 0;
+    snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", epfd);
+    f = fopen(path, "re");
+    if (!f) return 0;
+    while (n < max && fgets(line, sizeof(line), f)) {
+        int fd;
+        if (sscanf(line, "tfd: %d", &fd) == 1) out[n++] = fd;
+    }
+    fclose(f);
+    return n;
+}
+
+static int is_epoll_fd(int fd) {
+    char path[64], target[64];
+    ssize_t k;
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+    k = readlink(path, target, sizeof(target) - 1);
+    if (k <= 0) return 0;
+    target[k] = 0;
+    return strcmp(target, "anon_inode:[eventpoll]") == 0;
+}
+
+/* A connected TCP socket (not a listener, not tcp's own signal socketpair). */
+static int is_connected_tcp(int fd) {
+    struct stat st;
+    struct sockaddr_storage peer;
+    socklen_t plen = sizeof(peer);
+    int v = 0;
+    socklen_t vlen = sizeof(v);
+    if (fstat(fd, &st) || !S_ISSOCK(st.st_mode)) return 0;
+    if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &v, &vlen) || (v != AF_INET && v != AF_INET6))
+        return 0;
+    vlen = sizeof(v);
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &v, &vlen) || v != SOCK_STREAM) return 0;
+    vlen = sizeof(v);
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &v, &vlen) || v) return 0;
+    return getpeername(fd, (struct sockaddr *)&peer, &plen) == 0;
+}
+
+/* The connected TCP sockets watched by epoll fd `epfd` or by the epoll sets
+ * it watches (two levels down); shut each for reading if `shut`.  Returns
+ * how many there are. */
+static int cq_sockets(int epfd, int depth, int shut) {
+    int fds[1024], n = epoll_members(epfd, fds, 1024), count = 0;
+    for (int i = 0; i < n; i++) {
+        if (depth < 2 && is_epoll_fd(fds[i])) {
+            count += cq_sockets(fds[i], depth + 1, shut);
+        } else if (is_connected_tcp(fds[i])) {
+            count++;
+            if (shut) shutdown(fds[i], SHUT_RD);
+        }
+    }
+    return count;
+}
+
+static void close_regions_then_settle(atx_engine *e) {
+    uint64_t t0, last;
+    int fds = 1, sockets = 0;
+    for (atx_reg *r = e->regs; r; r = r->next) reg_close_mrs(r);
+    for (int i = 0; i < e->nnics; i++) {
+        if (e->nics[i].cq_fd < 0 || !is_epoll_fd(e->nics[i].cq_fd)) fds = 0;
+        else if (e->nics[i].cq) sockets += cq_sockets(e->nics[i].cq_fd, 0, 1);
+    }
+    t0 = last = now_ns();
+    for (;;) {
+        size_t work = 0;
+        uint64_t t;
+        for (int i = 0; i < e->nnics; i++) work += poll_cq(e, &e->nics[i], 4);
+        t = now_ns();
+        if (work) last = t;
+        if (t - t0 >= ATX_CLOSE_SETTLE_NS) break;
+        if (fds) {
+            if (!sockets) break;
+            sockets = 0;
+            for (int i = 0; i < e->nnics; i++)
+                if (e->nics[i].cq) sockets += cq_sockets(e->nics[i].cq_fd, 0, 0);
+            if (!sockets) break;
+        } else if (t - last >= ATX_CLOSE_QUIET_NS) {
+            break;
+        }
+        if (!work) {
+            struct timespec ts = {0, 50000};
+            nanosleep(&ts, NULL);
+        }
+    }
+}
+
 /* Stop: post nothing more, let the work requests already posted finish
  * (bounded by ATX_DRAIN_NS: a peer that is alive answers quickly; the shm
  * provider touches a peer's mapped region until its requests complete),
@@ -2404,6 +2566,7 @@ static void shutdown_worker(atx_engine *e) {
         if (!busy || now_ns() > deadline) break;
         sched_yield();
     }
+    if (e->regions_first) close_regions_then_settle(e);
     /* the watch reads our regions: out of its list before they go */
     if (e->is_shm) watch_remove(e);
     pthread_mutex_lock(&g_lifecycle_lock);
@@ -2742,6 +2905,7 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
     e->ndoms = ndom;
     snprintf(e->provider, sizeof(e->provider), "%s", cfg->provider);
     e->is_shm = strcmp(e->provider, "shm") == 0;
+    e->regions_first = strncmp(e->provider, "tcp", 3) == 0 && strstr(e->provider, "ofi_rxm");
     e->cfg.provider = e->provider;
     memset(e->cfg.domains, 0, sizeof(e->cfg.domains));
     e->cfg.ndomains = 0;
@@ -2866,6 +3030,10 @@ void atx_engine_destroy(atx_engine *e) {
     if (!e) return;
     atx_engine_stop(e);   /* (the watch can still free a worker stuck in a post) */
     if (e->is_shm) watch_remove(e);   /* (not listed, if create failed: a no-op) */
+    while (e->regs) {   /* regions never deregistered: their MRs go before the domains */
+        reg_close_mrs(e->regs);
+        reg_unlink(e, e->regs);
+    }
     pthread_mutex_lock(&g_lifecycle_lock);
     for (int i = 0; i < ATX_MAX_NICS; i++) close_nic(&e->nics[i]);
     pthread_mutex_unlock(&g_lifecycle_lock);

@@ -100,6 +100,7 @@ typedef struct atx_mr {
     void *desc[ATX_MAX_NICS];  /* fi_mr_desc */
     uint64_t key[ATX_MAX_NICS];
     uint64_t base[ATX_MAX_NICS]; /* remote address of byte 0 as peers must use it */
+    void *reg;                 /* the engine's own record of the registration (atx.c) */
 } atx_mr;
 
 /* One row of a scatter: len bytes from src_off to dst_off of destination

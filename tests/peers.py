@@ -524,6 +524,67 @@ async def close_sender_in_flight(make_engine, provider: str, seed: int,
     return dict(outcome)
 
 
+async def close_target_mid_stream(make_engine, provider: str, seed: int,
+                                  rounds: int = 4) -> dict:
+    """Close the *target* while a stream of large writes with immediates
+    arrives, at a random moment of it (``rounds`` times, fresh engines):
+    its close returns, every write of the writer ends (None or
+    TransferError, at the latest when the writer closes), a write that
+    succeeded left its whole slot, and no byte of any slot is other than
+    the source's or untouched.
+
+    libfabric 1.17's tcp;ofi_rxm crashed here (a NULL context in
+    rxm_handle_comp_error) whenever the target's endpoint closed with a
+    write half received: almost every round at 4 MiB, before the engine
+    shut its sockets for reading first (csrc/atx.c, shutdown_worker)."""
+    rng = np.random.default_rng(seed)
+    size = min(MAX_TRANSFER[provider], 4 * MiB)
+    window = 8
+    outcome: collections.Counter = collections.Counter()
+    for round_ in range(rounds):
+        a = await make_engine(provider)
+        b = await make_engine(provider)
+        src = rng.integers(1, 256, size, dtype=np.uint8)   # no zero byte: "untouched" is 0
+        smr = a.register(src)
+        dst = np.zeros(window * size, np.uint8)
+        d = b.register(dst).descriptor
+        futs: list = []
+        stop = False
+
+        async def stream() -> None:
+            while not stop:
+                batch = [a.write(smr, d, dst_offset=i * size, imm=1) for i in range(window)]
+                futs.extend(batch)
+                await asyncio.wait(batch)
+
+        streamer = asyncio.create_task(stream())
+        await b.expect_imm(1, 1, timeout=30)   # the stream flows
+        await asyncio.sleep(float(rng.uniform(0, 0.02)))
+        await asyncio.wait_for(b.close(), 30)
+        stop = True
+        # (a write caught in the teardown of its connection may end only by
+        # the peer timeout, 5 s, or by closing the writer: 1 s, then close)
+        await asyncio.wait([streamer], timeout=1)
+        await asyncio.wait_for(a.close(), 30)
+        await asyncio.wait_for(streamer, 30)
+        results = await asyncio.wait_for(asyncio.gather(*futs, return_exceptions=True), 30)
+        got = collections.Counter("ok" if r is None else type(r).__name__ for r in results)
+        outcome += got
+        where = f"seed={seed} round {round_}"
+        assert all(r is None or isinstance(r, TransferError) for r in results), \
+            f"{where}: {dict(got)}"
+        assert got["ok"] >= 1, f"{where}: no write succeeded before the close: {dict(got)}"
+        slots = dst.reshape(window, size)
+        for i, r in enumerate(results):
+            if r is None:
+                assert_bytes(slots[i % window], src, f"{where}: slot {i % window}, "
+                             "its write succeeded")
+        stray = ~((slots == src) | (slots == 0))
+        assert not stray.any(), \
+            f"{where}: {int(stray.sum())} bytes neither the source's nor untouched"
+    return dict(outcome)
+
+
 async def stale_descriptor(make_engine, provider: str, seed: int) -> dict:
     """After deregister, the old descriptor no longer reaches the memory.
     The write fails (tcp, sockets) or never completes (udp;ofi_rxd and shm
@@ -572,6 +633,7 @@ def _in_child(scenario):
 
 
 SCENARIOS = {"close_sender_in_flight": _in_child(close_sender_in_flight),
+             "close_target_mid_stream": _in_child(close_target_mid_stream),
              "stale_descriptor": _in_child(stale_descriptor)}
 
 
@@ -585,6 +647,7 @@ async def run_scenario(name: str, make_engine, children, provider: str, seed: in
 
 
 SCENARIOS_IN_PROCESS = {"close_sender_in_flight": close_sender_in_flight,
+                        "close_target_mid_stream": close_target_mid_stream,
                         "stale_descriptor": stale_descriptor}
 
 
