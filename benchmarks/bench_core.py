@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"(default {','.join(RATE)}; bandwidth has {', '.join(SINGLE)}; "
                          f"opt-in: {', '.join(OPT_IN)}, both processes on uvloop)")
     ap.add_argument("--repeat", type=int, default=5, help="runs per point (median)")
-    ap.add_argument("--max-repeat", type=int, default=20,
+    ap.add_argument("--max-repeat", type=int, default=32,
                     help="bandwidth points of the target's range whose paired 90%% interval "
                          "still holds 0.95 get further rounds, up to this many in all "
                          "(default 20; --repeat or less: none)")
