@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +284,82 @@ def test_bench_core_cli_tiny(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bc.main(["--only", "bw,speed"])
     assert "--only: speed not among" in capsys.readouterr().err
+
+
+def _pool_core():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "pool_core.py"
+    spec = importlib.util.spec_from_file_location("pool_core", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["pool_core"] = mod   # (its dataclass looks its module up there)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _core_doc(raw: list, aio: list, lat_aio: list) -> dict:
+    """A made-up bench_core.py result: tcp pipeline bandwidth at every size
+    of the targets' range, and a tcp latency point."""
+    rows = [{"provider": "tcp;ofi_rxm", "mode": "bw", "style": "pipeline", "size": s,
+             "raw_runs": raw, "aio_runs": aio} for s in (64 << 10, 256 << 10, 1 << 20,
+                                                         4 << 20, 16 << 20)]
+    rows.append({"provider": "tcp;ofi_rxm", "mode": "lat", "style": "write", "size": 8,
+                 "raw_runs": [10.0] * len(lat_aio), "aio_runs": lat_aio})
+    return {"rows": rows}
+
+
+def test_pool_core_pools_pairs_across_runs(tmp_path, capsys):
+    pc = _pool_core()
+    # run 1 misses on its own (its median 0.92); pooled with three runs at
+    # 1.00, 1.05 and 1.10 the 19 pairs' median is 1.00, and the 95% interval
+    # (5th to 15th of 19) is wholly above 0.95
+    docs = [_core_doc([2.0] * 5, [1.8, 1.82, 1.84, 2.0, 2.0], [12.0] * 5),
+            _core_doc([2.0] * 5, [2.0] * 5, [13.0] * 5),
+            _core_doc([2.0] * 5, [2.1] * 5, [11.0] * 5),
+            _core_doc([2.0] * 5, [2.2, 2.2, 2.2, 2.2, None], [11.0] * 5)]
+    pts = pc.pool(docs)
+    p = pts[("tcp;ofi_rxm", "bw", "pipeline", 64 << 10)]
+    assert [round(v, 2) for v in p.per_run] == [0.92, 1.0, 1.05, 1.1] and len(p.values) == 19
+    rows = pc.target_rows(pts, 0.95)
+    bw = [r for r in rows if "bandwidth" in r["target"]]
+    assert len(bw) == 5 and all(r["verdict"] == "met" and r["median"] == 1.0
+                                and r["lo"] == 1.0 for r in bw)
+    # run 1 alone: open at best (its interval holds 0.95)
+    assert pc.target_rows(pc.pool(docs[:1]), 0.95)[0]["verdict"] != "met"
+    (lat,) = [r for r in rows if "ping-pong" in r["target"]]
+    assert lat["median"] == 1.5 and lat["verdict"] == "met" and lat["unit"] == "us"
+    # the command line: a table per target, exit 0 when every non-write target is met
+    files = []
+    for i, d in enumerate(docs):
+        files.append(tmp_path / f"run{i}.json")
+        files[-1].write_text(json.dumps(d))
+    out = tmp_path / "pooled.json"
+    assert pc.main([str(f) for f in files] + ["--json", str(out)]) == 0
+    assert "| run0 | run1 | run2 | run3 | pooled n |" in capsys.readouterr().out
+    assert json.loads(out.read_text())["level"] == 0.95
+    # a point absent from one run is None there, not shifted
+    docs[1]["rows"] = docs[1]["rows"][1:]
+    p = pc.pool(docs)[("tcp;ofi_rxm", "bw", "pipeline", 64 << 10)]
+    assert p.per_run[1] is None and len(p.per_run) == 4
+
+
+def test_pool_core_verdicts_and_bad_input(tmp_path, capsys):
+    pc = _pool_core()
+    assert pc.verdict(0.96, 1.1, 0.95, True) == "met"
+    assert pc.verdict(0.90, 0.94, 0.95, True) == "missed"
+    assert pc.verdict(0.90, 1.00, 0.95, True) == "open"
+    assert pc.verdict(1.0, 9.0, 10.0, False) == "met"
+    assert pc.verdict(11.0, 12.0, 10.0, False) == "missed"
+    # every run at 0.9: missed, and the exit status says so
+    f = tmp_path / "slow.json"
+    f.write_text(json.dumps(_core_doc([2.0] * 9, [1.8] * 9, [12.0] * 9)))
+    assert pc.main([str(f)]) == 1
+    assert "| missed |" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    for text, msg in (("{", "not a readable JSON file"), ('{"rows": 3}', "no 'rows' list"),
+                      ('{"rows": [{"provider": "shm"}]}', "a row lacks aio_runs, mode")):
+        bad.write_text(text)
+        with pytest.raises(SystemExit):
+            pc.main([str(bad)])
+        assert msg in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pc.main([str(f), "--level", "1.5"])
+    assert "--level must be in (0, 1)" in capsys.readouterr().err
