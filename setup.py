@@ -53,7 +53,7 @@ def extensions():
     debug = os.environ.get("AIOTRANSFER_DEBUG") == "1"
     ext = Extension(
         "aiotransfer._core",
-        sources=["aiotransfer/_core.pyx", "csrc/atx.c", "csrc/shm_unstick.c"],
+        sources=["aiotransfer/_core.pyx", "csrc/atx.c", "csrc/shm_unstick.c", "csrc/shm_keys.c"],
         include_dirs=["csrc"] + fab["include_dirs"],
         library_dirs=fab["library_dirs"],
         runtime_library_dirs=fab.get("runtime_library_dirs", []),

@@ -89,6 +89,7 @@ cdef extern from "atx.h" nogil:
         uint64_t wrs_resent
         uint64_t locks_released
         uint64_t wrs_copied
+        uint64_t copies_refused
 
     int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t errlen)
     int atx_engine_notify_fd(atx_engine *e)

@@ -224,7 +224,8 @@ cdef class CoreEngine:
                 "inflight_bytes": s.inflight_bytes, "weight": s.weight,
                 "imms_duplicate": s.imms_duplicate, "msgs_bad": s.msgs_bad,
                 "lanes_down": s.lanes_down, "wrs_resent": s.wrs_resent,
-                "locks_released": s.locks_released, "wrs_copied": s.wrs_copied}
+                "locks_released": s.locks_released, "wrs_copied": s.wrs_copied,
+                "copies_refused": s.copies_refused}
 
     def set_weight(self, int nic, uint64_t weight):
         """NIC `nic`'s share in the selector; 0 stops choosing it."""

@@ -18,6 +18,7 @@
  */
 #define _GNU_SOURCE
 #include "atx.h"
+#include "shm_keys.h"
 #include "shm_unstick.h"
 
 #include <errno.h>
@@ -155,6 +156,8 @@ typedef struct atx_peer {
     uint8_t route[ATX_MAX_NICS][ATX_MAX_NICS];
     uint32_t rr[ATX_MAX_NICS];
     fi_addr_t fa[ATX_MAX_NICS][ATX_MAX_NICS];
+    atx_keytab *keytab;               /* shm: its key table, for the copy lane */
+    int keytab_state;                 /* 0: not looked for, 1: mapped, -1: none */
 } atx_peer;
 
 /* A sender known to this receiver (by its MSG_HELLO): the tokens of its
@@ -342,6 +345,7 @@ struct atx_engine {
 
     uint64_t spin_ns;                  /* keep polling this long after activity */
     atx_reg *regs;                     /* registered regions (under prog_lock) */
+    atx_keytab *keytab;                /* shm: our regions peers may copy into */
     int regions_first;                 /* shutdown closes the regions before the endpoints */
     uint64_t copy_min;                 /* the smallest write the shm copy lane takes */
     /* immediate counters */
@@ -1259,6 +1263,9 @@ static void do_mr_reg(atx_engine *e, atx_cmd *cmd) {
             if (e->regs) e->regs->prev = reg;
             e->regs = reg;
             mr->reg = reg;
+            /* (a full table: peers never take the copy lane into this region) */
+            for (int j = 0; e->keytab && j < mr->nnics; j++)
+                atx_keytab_add(e->keytab, mr->key[j], mr->base[j], mr->len);
         } else {
             seterr(cmd->err, sizeof(cmd->err), "registration record", -FI_ENOMEM);
             rc = -FI_ENOMEM;
@@ -1317,6 +1324,8 @@ static void do_mr_dereg(atx_engine *e, atx_cmd *cmd) {
             }
         }
     }
+    /* no peer copies into it once its keys are withdrawn (shm_keys.c) */
+    for (int i = 0; e->keytab && i < mr->nnics; i++) atx_keytab_remove(e->keytab, mr->key[i]);
     /* (closed already if shutdown_worker closed the regions first) */
     if (mr->reg) {
         rc = reg_close_mrs(mr->reg);
@@ -1623,6 +1632,17 @@ static void route_wr(atx_engine *e, uint64_t dest, int nic, fi_addr_t *fa, uint6
  * else the tail immediate, else the next WR.  Returns 0, 1 (no NIC can take
  * it now: queue depth, budget, back-pressure or every lane to the peer
  * down) or an error (-FI_EAGAIN: NIC *nic_out pushed back). */
+/* May a copy-lane write go into [addr, addr + len) of the peer's region
+ * `key`?  Maps the peer's key table the first time.  1: yes, and the table
+ * is locked until atx_keytab_release. */
+static int copy_admitted(atx_peer *p, uint64_t key, uint64_t addr, uint64_t len) {
+    if (p->keytab_state == 0) {
+        p->keytab = p->engine_id ? atx_keytab_open(p->engine_id) : NULL;
+        p->keytab_state = p->keytab ? 1 : -1;
+    }
+    return p->keytab_state > 0 && atx_keytab_admit(p->keytab, key, addr, len);
+}
+
 static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out) {
     atx_nic *n;
     atx_ctx *c;
@@ -1708,6 +1728,13 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
          * 0.92; 64 KiB 1.06-1.09 against 0.91-0.92). */
         copy = n->pub.copy_lane && op->type == OP_WRITE && wr != ATX_WR_TAIL && !is_retry &&
                len > n->pub.inject_size && len >= e->copy_min && len <= ATX_COPY_MAX;
+        /* ...and only while the target's key table admits it: shm checks no
+         * key on that path (shm_keys.c).  Admitted, the table stays locked
+         * until the post returned. */
+        if (copy && !copy_admitted(p, key, base + roff, len)) {
+            copy = 0;
+            n->stats.copies_refused++;
+        }
         if (copy) {
             /* no CQ data, no delivery-complete: the provider's copying path */
         } else if (with_imm) {
@@ -1754,6 +1781,7 @@ static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out)
         call_enter(e);
         rc = (int)fi_writemsg(n->ep, &msg, flags);
         call_exit(e);
+        if (copy) atx_keytab_release(p->keytab);
     }
     if (rc) {
         ctx_put(n, c);
@@ -2552,6 +2580,7 @@ static void shutdown_worker(atx_engine *e) {
     uint64_t deadline = now_ns() + ATX_DRAIN_NS;
     pthread_mutex_lock(&e->prog_lock);
     e->dead = 1;
+    if (e->keytab) atx_keytab_shut(e->keytab);   /* peers copy into nothing of ours now */
     for (op = e->post_head; op; op = op->next) {
         op->in_post_q = 0;
         op_fail(op, -FI_ECANCELED, 0, "engine closed");
@@ -2987,6 +3016,9 @@ int atx_engine_create(const atx_config *cfg, atx_engine **out, char *err, size_t
             e->own[i].head = atx_shm_own_region(name + 9);
     }
 
+    /* shm: the table of our regions that peers' copy lanes check (without
+     * it they never take the copy lane to us) */
+    if (e->is_shm && e->cfg.engine_id) e->keytab = atx_keytab_create(e->cfg.engine_id);
     rc = pthread_create(&e->thread, NULL, worker_main, e);
     if (rc) {
         snprintf(err, errlen, "pthread_create: %s", strerror(rc));
@@ -3030,6 +3062,9 @@ void atx_engine_destroy(atx_engine *e) {
     if (!e) return;
     atx_engine_stop(e);   /* (the watch can still free a worker stuck in a post) */
     if (e->is_shm) watch_remove(e);   /* (not listed, if create failed: a no-op) */
+    if (e->keytab) atx_keytab_close(e->keytab, 1);
+    for (size_t i = 0; i < e->npeers; i++)
+        if (e->peers[i].keytab) atx_keytab_close(e->peers[i].keytab, 0);
     while (e->regs) {   /* regions never deregistered: their MRs go before the domains */
         reg_close_mrs(e->regs);
         reg_unlink(e, e->regs);

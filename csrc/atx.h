@@ -217,6 +217,7 @@ typedef struct atx_stats {
     uint64_t wrs_resent;      /* work requests posted again over another lane */
     uint64_t locks_released;  /* shm: peer region locks left taken by a dead process, freed */
     uint64_t wrs_copied;      /* shm copy lane: work requests whose bytes this process copied */
+    uint64_t copies_refused;  /* shm copy lane: writes the target's key table did not admit */
     uint64_t inflight_bytes;  /* payload posted on this NIC, not yet completed */
     uint64_t weight;          /* the NIC's share in the selector */
 } atx_stats;

@@ -41,8 +41,19 @@ def check_loopback_address(address: bytes) -> None:
 
 def remove_shm_leftovers(pid: int) -> None:
     """A shm engine's process that was killed or crashed cannot unlink its
-    shared-memory region (/dev/shm/<pid>:<n>:<m>); the parent does."""
-    for path in glob.glob(f"/dev/shm/{pid}:*"):
+    shared-memory region (/dev/shm/<pid>:<n>:<m>) nor its copy lane's key
+    table (/dev/shm/atx-keys-<engine id>, the owner's pid at byte 16:
+    csrc/shm_keys.c); the parent does."""
+    paths = glob.glob(f"/dev/shm/{pid}:*")
+    for path in glob.glob("/dev/shm/atx-keys-*"):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(20)
+        except FileNotFoundError:
+            continue
+        if len(head) == 20 and int.from_bytes(head[16:20], "little", signed=True) == pid:
+            paths.append(path)
+    for path in paths:
         try:
             os.unlink(path)
         except FileNotFoundError:

@@ -298,3 +298,57 @@ async def test_copy_lane_across_processes(make_engine, shm_only, rng, seed):
             proc.kill()
             proc.join(5)
     assert proc.exitcode == 0
+
+
+async def test_deregister_ends_copy_lane_writes(make_engine, shm_only, rng, seed):
+    """libfabric 1.17's shm checks no key on the copy lane's path (the writer
+    copies into the target's memory itself), so until session 13 a write
+    through the descriptor of a deregistered region landed all the same
+    (every byte of 1 MiB, and the write succeeded).  The target's key table
+    (csrc/shm_keys.c) now admits a copy only while the region is
+    registered, and deregister() waits out a copy under way: five rounds of
+    a writer streaming 1 MiB writes, the region deregistered in the middle
+    of the stream; from the moment deregister() returns no byte changes,
+    the bytes that landed before are the source's, and the writer's copy
+    lane both copied (before) and was refused (after)."""
+    size, window = 1 * MiB, 8
+    src = random_bytes(rng, window * size) | 1          # no zero byte: untouched is 0
+    for round_ in range(5):
+        a = await make_engine("shm")
+        b = await make_engine("shm")
+        smr = a.register(src)
+        dst = np.zeros(window * size, np.uint8)
+        dmr = b.register(dst)
+        d = dmr.descriptor
+        stop = False
+        futs: list = []
+
+        async def stream() -> None:
+            while not stop:
+                batch = [a.write(smr, d, length=size, src_offset=i * size,
+                                 dst_offset=i * size, imm=1) for i in range(window)]
+                futs.extend(batch)
+                # (after the deregistration shm drops the writes: they pend)
+                await asyncio.wait(batch, timeout=0.5)
+
+        streamer = asyncio.create_task(stream())
+        await b.expect_imm(1, 1, timeout=30)
+        await asyncio.sleep(float(rng.uniform(0, 0.02)))
+        b.deregister(dmr)
+        after = dst.copy()
+        await asyncio.sleep(0.3)                          # the stream goes on meanwhile
+        stop = True
+        await asyncio.wait_for(streamer, 30)
+        where = f"seed={seed} round {round_}"
+        assert_bytes(dst, after, f"{where}: bytes changed after deregister() returned")
+        landed = dst != 0
+        assert (dst[landed] == src[landed]).all(), f"{where}: bytes not the source's"
+        stats = a.stats()
+        assert _copied(a) > 0, f"{where}: the copy lane copied nothing: {stats}"
+        assert sum(s["copies_refused"] for s in stats) > 0, \
+            f"{where}: no copy refused after the deregistration: {stats}"
+        await asyncio.wait_for(a.close(), 30)             # fails the pending writes
+        await asyncio.wait_for(b.close(), 30)
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        assert all(r is None or isinstance(r, aiotransfer.TransferError) for r in results), \
+            f"{where}: {[r for r in results if r is not None][:3]}"

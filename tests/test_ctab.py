@@ -29,6 +29,7 @@ def ctab_model(tmp_path_factory) -> Path:
     exe = tmp_path_factory.mktemp("ctab") / "ctab_model"
     proc = subprocess.run([cc, "-O2", "-Wall", "-Wno-unused-function", "-o", str(exe),
                            str(SOURCE), str(ROOT / "csrc" / "shm_unstick.c"),
+                           str(ROOT / "csrc" / "shm_keys.c"),
                            f"-I{ROOT / 'csrc'}", *flags, "-lpthread"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
