@@ -1628,10 +1628,6 @@ static void route_wr(atx_engine *e, uint64_t dest, int nic, fi_addr_t *fa, uint6
     *key = d->key[r];
 }
 
-/* Post one work request of op: a WR to post again (its lane went down),
- * else the tail immediate, else the next WR.  Returns 0, 1 (no NIC can take
- * it now: queue depth, budget, back-pressure or every lane to the peer
- * down) or an error (-FI_EAGAIN: NIC *nic_out pushed back). */
 /* May a copy-lane write go into [addr, addr + len) of the peer's region
  * `key`?  Maps the peer's key table the first time.  1: yes, and the table
  * is locked until atx_keytab_release. */
@@ -1643,6 +1639,10 @@ static int copy_admitted(atx_peer *p, uint64_t key, uint64_t addr, uint64_t len)
     return p->keytab_state > 0 && atx_keytab_admit(p->keytab, key, addr, len);
 }
 
+/* Post one work request of op: a WR to post again (its lane went down),
+ * else the tail immediate, else the next WR.  Returns 0, 1 (no NIC can take
+ * it now: queue depth, budget, back-pressure or every lane to the peer
+ * down) or an error (-FI_EAGAIN: NIC *nic_out pushed back). */
 static int post_one(atx_engine *e, atx_op *op, int *nic_out, uint64_t *peer_out) {
     atx_nic *n;
     atx_ctx *c;
@@ -2538,14 +2538,21 @@ static int cq_sockets(int epfd, int depth, int shut) {
     return count;
 }
 
+/* The connected TCP sockets of all our CQs (shut each for reading if `shut`). */
+static int engine_sockets(atx_engine *e, int shut) {
+    int count = 0;
+    for (int i = 0; i < e->nnics; i++)
+        if (e->nics[i].cq) count += cq_sockets(e->nics[i].cq_fd, 0, shut);
+    return count;
+}
+
 static void close_regions_then_settle(atx_engine *e) {
     uint64_t t0, last;
-    int fds = 1, sockets = 0;
+    int fds = 1;
     for (atx_reg *r = e->regs; r; r = r->next) reg_close_mrs(r);
-    for (int i = 0; i < e->nnics; i++) {
+    for (int i = 0; i < e->nnics; i++)
         if (e->nics[i].cq_fd < 0 || !is_epoll_fd(e->nics[i].cq_fd)) fds = 0;
-        else if (e->nics[i].cq) sockets += cq_sockets(e->nics[i].cq_fd, 0, 1);
-    }
+    if (fds) engine_sockets(e, 1);
     t0 = last = now_ns();
     for (;;) {
         size_t work = 0;
@@ -2554,15 +2561,7 @@ static void close_regions_then_settle(atx_engine *e) {
         t = now_ns();
         if (work) last = t;
         if (t - t0 >= ATX_CLOSE_SETTLE_NS) break;
-        if (fds) {
-            if (!sockets) break;
-            sockets = 0;
-            for (int i = 0; i < e->nnics; i++)
-                if (e->nics[i].cq) sockets += cq_sockets(e->nics[i].cq_fd, 0, 0);
-            if (!sockets) break;
-        } else if (t - last >= ATX_CLOSE_QUIET_NS) {
-            break;
-        }
+        if (fds ? !engine_sockets(e, 0) : t - last >= ATX_CLOSE_QUIET_NS) break;
         if (!work) {
             struct timespec ts = {0, 50000};
             nanosleep(&ts, NULL);
