@@ -26,15 +26,12 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # bench_core, beside us
 
-from aiotransfer.bench.common import KIB, MIB, median_interval, paired_ratios  # noqa: E402
+from bench_core import (BW_RANGE, BW_TARGET, LAT_TARGET_US, PAGED_TARGET,  # noqa: E402
+                        RATE_TARGET, pair_values)
 
-BW_TARGET = 0.95
-PAGED_TARGET = 0.8
-LAT_TARGET_US = 10.0
-RATE_TARGET = 300_000
-BW_SIZES = (64 * KIB, 256 * KIB, MIB, 4 * MIB, 16 * MIB)
+from aiotransfer.bench.common import KIB, MIB, median_interval  # noqa: E402
 
 
 @dataclass
@@ -48,10 +45,6 @@ class Point:
     values: list[float] = field(default_factory=list)           # every pair, pooled
     per_run_aio: list[float | None] = field(default_factory=list)  # each run's aio median
     aio: list[float] = field(default_factory=list)              # every aio run, pooled
-
-    @property
-    def key(self) -> tuple:
-        return (self.provider, self.mode, self.style, self.size)
 
 
 def load(path: str) -> dict:
@@ -71,14 +64,6 @@ def load(path: str) -> dict:
     return doc
 
 
-def _pair_values(row: dict) -> list[float]:
-    """The pairs of one row: aiotransfer/raw C, or aiotransfer - raw C in us (lat)."""
-    raw, aio = row["raw_runs"], row["aio_runs"]
-    if row["mode"] == "lat":
-        return [b - a for a, b in zip(raw, aio) if a is not None and b is not None]
-    return paired_ratios(raw, aio)
-
-
 def pool(docs: list[dict]) -> dict[tuple, Point]:
     """Every point of every run, pooled by (provider, mode, style, size)."""
     points: dict[tuple, Point] = {}
@@ -89,7 +74,7 @@ def pool(docs: list[dict]) -> dict[tuple, Point]:
             while len(p.per_run) < i:
                 p.per_run.append(None)
                 p.per_run_aio.append(None)
-            vals = _pair_values(row)
+            vals = pair_values(row["raw_runs"], row["aio_runs"], row["mode"])
             aio = [v for v in row["aio_runs"] if v is not None]
             p.per_run.append(statistics.median(vals) if vals else None)
             p.per_run_aio.append(statistics.median(aio) if aio else None)
@@ -107,6 +92,11 @@ def verdict(lo: float, hi: float, target: float, higher_is_better: bool) -> str:
     if higher_is_better:
         return "met" if lo >= target else "missed" if hi < target else "open"
     return "met" if hi <= target else "missed" if lo > target else "open"
+
+
+def _bw_sizes(points) -> list[int]:
+    """The bandwidth sizes of the targets' range that the runs measured."""
+    return sorted({k[3] for k in points if k[1] == "bw" and BW_RANGE[0] <= k[3] <= BW_RANGE[1]})
 
 
 def target_rows(points: dict[tuple, Point], level: float) -> list[dict]:
@@ -133,7 +123,7 @@ def target_rows(points: dict[tuple, Point], level: float) -> list[dict]:
     for prov in ("shm", "tcp;ofi_rxm"):
         short = prov.split(";")[0]
         for style in ("pipeline", "write"):
-            for size in BW_SIZES:
+            for size in _bw_sizes(points):
                 add(points.get((prov, "bw", style, size)),
                     f"{short} bandwidth >= {BW_TARGET}x raw C ({style})", BW_TARGET, True, "x")
         add(points.get((prov, "rate", "paged", 8)),
@@ -180,12 +170,13 @@ def plot(rows: list[dict], path: str, level: float) -> None:
     import matplotlib.pyplot as plt
 
     bw = [r for r in rows if "bandwidth" in r["target"]]
+    sizes = sorted({r["size"] for r in bw})
     provs = [p for p in ("shm", "tcp") if any(r["target"].startswith(p) for r in bw)]
     fig, axes = plt.subplots(1, len(provs), figsize=(6 * len(provs), 4.2), squeeze=False)
     for ax, prov in zip(axes[0], provs):
         for j, (style, colour) in enumerate((("pipeline", "tab:blue"), ("write", "tab:orange"))):
             sel = [r for r in bw if r["target"].startswith(prov) and r["style"] == style]
-            xs = [BW_SIZES.index(r["size"]) + (j - 0.5) * 0.25 for r in sel]
+            xs = [sizes.index(r["size"]) + (j - 0.5) * 0.25 for r in sel]
             for x, r in zip(xs, sel):
                 runs = [v for v in r["per_run"] if v is not None]
                 ax.scatter([x] * len(runs), runs, s=10, color=colour, alpha=0.45)
@@ -195,7 +186,7 @@ def plot(rows: list[dict], path: str, level: float) -> None:
                         fmt="s", color=colour, capsize=4, label=f"{style}: pooled median, "
                         f"{level:.0%} interval (dots: each run's)")
         ax.axhline(BW_TARGET, color="red", lw=1, ls="--", label=f"target {BW_TARGET}")
-        ax.set_xticks(range(len(BW_SIZES)), [_size(s) for s in BW_SIZES])
+        ax.set_xticks(range(len(sizes)), [_size(s) for s in sizes])
         ax.set_title(f"{prov}: aiotransfer / raw C, pairs of all runs pooled")
         ax.set_ylabel("paired ratio")
         ax.grid(alpha=0.3)
